@@ -1,0 +1,10 @@
+"""qwen2vl: a fast, standalone inference engine for the Qwen2-VL vision-language models."""
+
+from .api import Qwen2VL
+from .config import Qwen2VLConfig, TextConfig, VisionConfig
+from .datatypes import ModelInputs
+from .errors import CheckpointError, ConfigError, InputError, Qwen2VLError
+
+__all__ = ["Qwen2VL", "Qwen2VLConfig", "TextConfig", "VisionConfig", "ModelInputs",
+           "CheckpointError", "ConfigError", "InputError", "Qwen2VLError"]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Typed hand-offs between pipeline stages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass
+class ModelInputs:
+    """The processor's output, with the same fields and layout as transformers' `Qwen2VLProcessor`.
+
+    input_ids (B, L) int64, left-padded; attention_mask (B, L) 1 = real token; pixel_values (N, C*T*P*P) float32 for
+    all images in order of appearance, image_grid_thw (n_images, 3) = (t, h, w) in patches; the same for videos.
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, inputs: Any) -> "ModelInputs":
+        """From a ModelInputs, a mapping (e.g. transformers' BatchFeature) or any object with those attributes."""
+        if isinstance(inputs, cls):
+            return inputs
+        get = inputs.get if isinstance(inputs, Mapping) else (lambda k: getattr(inputs, k, None))
+        values = {f.name: get(f.name) for f in fields(cls)}
+        if values["input_ids"] is None:
+            raise InputError("inputs have no input_ids")
+        for name, value in values.items():
+            if value is not None and not isinstance(value, torch.Tensor):
+                values[name] = torch.as_tensor(value)
+        x = cls(**values)
+        x.validate()
+        return x
+
+    def validate(self) -> None:
+        if self.input_ids.dim() == 1:
+            self.input_ids = self.input_ids[None]
+            if self.attention_mask is not None and self.attention_mask.dim() == 1:
+                self.attention_mask = self.attention_mask[None]
+        if self.input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, length), got shape {tuple(self.input_ids.shape)}")
+        if self.attention_mask is not None and self.attention_mask.shape != self.input_ids.shape:
+            raise InputError(f"attention_mask shape {tuple(self.attention_mask.shape)} differs from input_ids "
+                             f"shape {tuple(self.input_ids.shape)}")
+        for px, grid, kind in ((self.pixel_values, self.image_grid_thw, "image"),
+                               (self.pixel_values_videos, self.video_grid_thw, "video")):
+            if (px is None) != (grid is None):
+                raise InputError(f"{kind} pixel values and {kind}_grid_thw must be given together")
+            if grid is None:
+                continue
+            if grid.dim() != 2 or grid.shape[1] != 3:
+                raise InputError(f"{kind}_grid_thw must be (n, 3), got shape {tuple(grid.shape)}")
+            rows = int(grid.long().prod(-1).sum())
+            if px.dim() != 2 or px.shape[0] != rows:
+                raise InputError(f"{kind} pixel values have shape {tuple(px.shape)} but {kind}_grid_thw "
+                                 f"{grid.tolist()} needs {rows} patch rows")
+
+    def to(self, device: torch.device | str) -> "ModelInputs":
+        return ModelInputs(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                              for f in fields(self)})

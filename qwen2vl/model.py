@@ -1,0 +1,80 @@
+"""Qwen2-VL wiring: vision encoder -> visual embeddings scattered into the token embeddings -> text decoder -> LM head.
+
+Module names match the checkpoints' tensor names: `visual.*`, `model.*` (the text decoder), `lm_head`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Qwen2VLConfig
+from .datatypes import ModelInputs
+from .errors import InputError
+from .rope import get_rope_index, mrope_cos_sin
+from .text import KVCache, TextModel, attention_mask
+from .vision import VisionTransformer
+
+
+class Qwen2VLModel(nn.Module):
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision)
+        self.model = TextModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """(N, 1176) patch rows of images or video slices -> (N/4, D) embeddings, in grid order."""
+        return self.visual(pixel_values, grid_thw)
+
+    def positions(self, x: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE position ids (3, B, L) and per-sample decode deltas (B,)."""
+        return get_rope_index(x.input_ids, x.attention_mask, x.image_grid_thw, x.video_grid_thw,
+                              image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
+                              spatial_merge_size=self.cfg.vision.spatial_merge_size)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              video_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, L, D) with <|image_pad|>/<|video_pad|> rows replaced, in order, by visual embeddings."""
+        embeds = self.model.embed_tokens(input_ids)
+        for kind, token, visual in (("image", self.cfg.image_token_id, image_embeds),
+                                    ("video", self.cfg.video_token_id, video_embeds)):
+            slots = input_ids == token
+            n = int(slots.sum())
+            have = 0 if visual is None else visual.shape[0]
+            if n != have:
+                raise InputError(f"input_ids hold {n} <|{kind}_pad|> tokens but the {kind}s give {have} embeddings")
+            if n:
+                embeds = embeds.masked_scatter(slots[..., None], visual.to(embeds.dtype))  # batch-major order
+        return embeds
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """embeds (B, L, D), positions (3, B, L), key_valid (B, S) over all S keys incl. cached -> hidden (B, L, D)."""
+        t = self.cfg.text
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, embeds.dtype)
+        return self.model(embeds, cos, sin, attention_mask(key_valid, embeds.shape[1]), cache)
+
+    def prompt_embeddings(self, x: ModelInputs) -> torch.Tensor:
+        """Embeddings of a whole prompt, running the vision encoder once over all its images and videos."""
+        image_embeds = video_embeds = None
+        grids = [g for g in (x.image_grid_thw, x.video_grid_thw) if g is not None]
+        if grids:
+            pixels = torch.cat([p for p in (x.pixel_values, x.pixel_values_videos) if p is not None])
+            visual = self.encode_vision(pixels, torch.cat(grids))
+            n_image = 0 if x.image_grid_thw is None else int(x.image_grid_thw.prod(-1).sum()) // self.cfg.vision.spatial_merge_size**2
+            image_embeds, video_embeds = visual[:n_image], visual[n_image:]
+            image_embeds = image_embeds if x.image_grid_thw is not None else None
+            video_embeds = video_embeds if x.video_grid_thw is not None else None
+        return self.embed(x.input_ids, image_embeds, video_embeds)
+
+    @torch.inference_mode()
+    def logits(self, x: ModelInputs) -> torch.Tensor:
+        """float32 logits (B, L, vocab) for every position of the prompt."""
+        x = x.to(self.lm_head.weight.device)
+        if x.attention_mask is None:
+            x.attention_mask = torch.ones_like(x.input_ids)
+        positions, _ = self.positions(x)
+        hidden = self(self.prompt_embeddings(x), positions, x.attention_mask.bool())
+        return self.lm_head(hidden).float()

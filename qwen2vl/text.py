@@ -1,0 +1,114 @@
+"""The Qwen2 text decoder (spec section 6.2): pre-RMSNorm blocks with GQA attention (q/k/v biases) under M-RoPE,
+and a SwiGLU MLP. Parameter names follow the checkpoints (`model.layers.{i}.self_attn.q_proj`, ...).
+
+The KV cache is not owned here: generation passes an object with `update(layer, k, v) -> (k_all, v_all)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+from .rope import apply_rotary
+
+
+class KVCache(Protocol):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, L, D) of `layer`; return all keys/values so far (B, Hkv, S, D)."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)  # cast before the weight, as the reference does
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), post-rotary keys
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """embeds (B, L, D), cos/sin (B, L, head_dim), mask bool (B, 1, L, S) or None -> hidden (B, L, D)."""
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        h = embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        return self.norm(h)
+
+
+def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor | None:
+    """Causal + padding mask (B, 1, q_len, S), True = attend, for the last q_len of S keys.
+
+    key_valid (B, S) marks real (non-pad) keys. A query with no valid key before it (a left pad) attends to itself
+    alone, so no row is fully masked (SDPA would give NaN there). None when every key may be seen (decode, no pad).
+    """
+    S = key_valid.shape[1]
+    if q_len == 1 and bool(key_valid.all()):
+        return None
+    q_idx = torch.arange(S - q_len, S, device=key_valid.device)[:, None]
+    k_idx = torch.arange(S, device=key_valid.device)[None, :]
+    mask = (k_idx <= q_idx) & key_valid[:, None, None, :].bool()
+    return mask | (k_idx == q_idx)

@@ -1,0 +1,153 @@
+"""Finding a checkpoint (local directory or hub id) and loading its safetensors strictly into a model.
+
+Tensor names are the checkpoints' own (spec 2.1). transformers 5.x runtime names (`model.language_model.*`,
+`model.visual.*`) are mapped back to them. Loading is strict: a missing, unexpected or mis-shaped tensor is a
+CheckpointError that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import CheckpointError
+
+# transformers 5.x names -> the hub's names (the inverse of transformers' conversion_mapping for qwen2_vl).
+_NAME_MAP = [(re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual.")]
+
+# What a checkpoint download needs (no weights of other formats, no README images).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+
+
+def canonical_name(name: str) -> str:
+    for pattern, repl in _NAME_MAP:
+        name, n = pattern.subn(repl, name)
+        if n:
+            break
+    return name
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (or found in the cache) with huggingface_hub.
+
+    The download shows huggingface_hub's progress bars (HF_HUB_DISABLE_PROGRESS_BARS=1 hides them).
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name!r} is not a checkpoint directory (and not a hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"the hub has no model {name!r} (or it is gated and you are not logged in)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"could not download {name!r} from the Hugging Face hub and it is not in the local cache "
+            f"({type(e).__name__}: {e}). If this machine is offline, download it elsewhere with "
+            f"`huggingface-cli download {name}` and copy the cache (~/.cache/huggingface/hub, or $HF_HOME), or pass "
+            f"the path of a local checkpoint directory instead. If you are online, check your network and HF_TOKEN."
+        ) from None
+
+
+class _NoBar:  # a do-nothing progress bar
+    def __init__(self, *a, **k): pass
+    def __enter__(self): return self
+    def __exit__(self, *a): pass
+    def update(self, *a): pass
+    def close(self): pass
+
+
+def safetensors_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (ckpt / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not in {ckpt}: {missing}")
+        return [ckpt / s for s in shards]
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {ckpt}")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, str]]:
+    """(canonical name, open file, name in file) for every tensor, without reading any data."""
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                yield canonical_name(key), f, key
+
+
+def load_weights(model: nn.Module, ckpt: Path, *, dtype: torch.dtype, device: torch.device | str,
+                 tied: tuple[str, str] | None = None, progress: bool = False) -> None:
+    """Fill every parameter and buffer of `model` (built on the meta device) from the checkpoint, strictly.
+
+    `tied = (alias, source)`: `alias` (e.g. lm_head.weight) may be absent from the file; it is tied to `source`.
+    Floating tensors are converted to `dtype`; integer tensors (quantized weights) keep theirs.
+    """
+    expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    if tied:
+        expected.pop(tied[0], None)
+    files = safetensors_files(ckpt)
+    found: dict[str, tuple[Path, str]] = {}
+    for name, f, key in iter_tensors(files):
+        if tied and name == tied[0]:
+            continue  # a tied head stored anyway: the embedding is the one we keep
+        if name in found:
+            raise CheckpointError(f"tensor {name!r} appears twice in {ckpt} ({found[name][1]!r} and {key!r})")
+        found[name] = (f, key)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+        raise CheckpointError(f"checkpoint {ckpt} does not match the model: " + "; ".join(parts))
+
+    state = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (f, key) in found.items():
+        by_file.setdefault(f, []).append((name, key))
+    bar = _progress(len(found), "loading weights", progress)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            for name, key in names:
+                want = expected[name]
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != tuple(want.shape):
+                    raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(shape)}, "
+                                          f"the model expects {list(want.shape)}")
+                t = handle.get_tensor(key)
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                state[name] = t
+                bar.update(1)
+    bar.close()
+    if tied:
+        state[tied[0]] = state[tied[1]]  # the same storage under both names
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
