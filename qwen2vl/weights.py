@@ -56,7 +56,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"could not download {name!r} from the Hugging Face hub and it is not in the local cache "
             f"({type(e).__name__}: {e}). If this machine is offline, download it elsewhere with "
-            f"`huggingface-cli download {name}` and copy the cache (~/.cache/huggingface/hub, or $HF_HOME), or pass "
+            f"`hf download {name}` (huggingface_hub's CLI) and copy the cache (~/.cache/huggingface/hub, or $HF_HOME), or pass "
             f"the path of a local checkpoint directory instead. If you are online, check your network and HF_TOKEN."
         ) from None
 
