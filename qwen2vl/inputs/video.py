@@ -1,0 +1,239 @@
+"""Videos: frame sampling, decoding only the sampled frames with PyAV, resizing and patchifying (spec section 4).
+
+Matches qwen-vl-utils 0.0.14 (its decord path: frame count and average fps from the container, `video_start` /
+`video_end` through `calculate_video_frame_range`) followed by transformers' Qwen2VLVideoProcessor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .fetch import MediaPolicy, resolve_source
+from .image import VisionSpec, image_to_uint8, load_image, patchify, resize_image, smart_resize
+
+FPS, FRAME_FACTOR, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 2, 4, 768
+VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768  # per frame, in 28x28 tokens
+MODEL_SEQ_LEN = int(float(os.environ.get("MODEL_SEQ_LEN", 128000)))  # qwen-vl-utils 0.0.14's total budget
+
+
+def _round_by(x: float, f: int) -> int:
+    return round(x / f) * f
+
+
+def _ceil_by(x: float, f: int) -> int:
+    return math.ceil(x / f) * f
+
+
+def _floor_by(x: float, f: int) -> int:
+    return math.floor(x / f) * f
+
+
+def smart_nframes(opts: dict[str, Any], total_frames: int, video_fps: float) -> int:
+    """How many frames to sample: `nframes`, or `fps` (default 2) bounded by min/max_frames (qwen-vl-utils 0.0.14)."""
+    if "fps" in opts and "nframes" in opts:
+        raise InputError("give either fps or nframes for a video, not both")
+    if "nframes" in opts:
+        n = _round_by(opts["nframes"], FRAME_FACTOR)
+    else:
+        fps = opts.get("fps", FPS)
+        min_frames = _ceil_by(opts.get("min_frames", FPS_MIN_FRAMES), FRAME_FACTOR)
+        max_frames = _floor_by(opts.get("max_frames", min(FPS_MAX_FRAMES, total_frames)), FRAME_FACTOR)
+        n = total_frames / video_fps * fps
+        n = _floor_by(min(min(max(n, min_frames), max_frames), total_frames), FRAME_FACTOR)
+    if not FRAME_FACTOR <= n <= total_frames:
+        raise InputError(f"cannot sample {n} frames from a video of {total_frames} frames "
+                         f"(need between {FRAME_FACTOR} and the frame count)")
+    return n
+
+
+def frame_range(opts: dict[str, Any], total_frames: int, video_fps: float) -> tuple[int, int]:
+    """First and last frame index for `video_start` / `video_end` in seconds (qwen-vl-utils 0.0.14)."""
+    start, end = opts.get("video_start"), opts.get("video_end")
+    if start is None and end is None:
+        return 0, total_frames - 1
+    duration = total_frames / video_fps
+    first = math.ceil(max(0.0, min(start, duration)) * video_fps) if start is not None else 0
+    last = min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1) if end is not None \
+        else total_frames - 1
+    if first >= last:
+        raise InputError(f"video_start={start} / video_end={end} select no frames of a {duration:.2f} s video")
+    return first, last
+
+
+def sample_indices(first: int, last: int, n: int) -> list[int]:
+    return torch.linspace(first, last, n).round().long().tolist()  # half-to-even, as the reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class VideoInfo:
+    total_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+class VideoReader:
+    """A PyAV container indexed by packets (no decoding), from which chosen frames are decoded by seeking."""
+
+    def __init__(self, file: str | Path | io.BytesIO):
+        import av
+
+        try:
+            self.container = av.open(file if isinstance(file, io.BytesIO) else str(file))
+        except (av.error.FFmpegError, OSError, ValueError) as e:
+            raise InputError(f"cannot open video: {e}") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise InputError("file has no video stream")
+        self.stream = self.container.streams.video[0]
+        # Frame i is the i-th smallest presentation timestamp among the stream's packets (decord's indexing).
+        self.pts, self.keyframes = [], []
+        try:
+            for packet in self.container.demux(self.stream):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                self.pts.append(packet.pts)
+                if packet.is_keyframe:
+                    self.keyframes.append(packet.pts)
+        except av.error.FFmpegError as e:
+            raise InputError(f"cannot read video packets: {e}") from None
+        self.pts.sort()
+        self.keyframes.sort()
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        if not self.pts or not rate:
+            raise InputError("video has no frames")
+        ctx = self.stream.codec_context
+        self.info = VideoInfo(len(self.pts), float(rate), ctx.width, ctx.height)
+
+    def close(self) -> None:
+        self.container.close()
+
+    def frames(self, indices: list[int], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """RGB frames (len(indices), H, W, 3) uint8; only these frames are kept in memory."""
+        import av
+
+        wanted = sorted(set(indices))
+        got: dict[int, np.ndarray] = {}
+        k = 0
+        try:
+            while k < len(wanted):
+                target = self.pts[wanted[k]]
+                self.container.seek(self._keyframe_before(target), stream=self.stream, backward=True)
+                for frame in self.container.decode(self.stream):
+                    if frame.pts is None or frame.pts < self.pts[wanted[k]]:
+                        continue
+                    # The first frame at or after the wanted timestamp (equal for well-formed streams).
+                    got[wanted[k]] = frame.to_ndarray(format="rgb24")
+                    k += 1
+                    if progress:
+                        progress(1)
+                    if k == len(wanted):
+                        break
+                    # Seek again when the next wanted frame lies past a keyframe we have not reached yet.
+                    if self._keyframe_before(self.pts[wanted[k]]) > frame.pts:
+                        break
+                else:
+                    break  # end of stream
+        except av.error.FFmpegError as e:
+            raise InputError(f"cannot decode video: {e}") from None
+        if len(got) < len(wanted):
+            raise InputError(f"video ended after decoding {len(got)} of {len(wanted)} sampled frames "
+                             "(truncated or corrupt file)")
+        return np.stack([got[i] for i in indices])
+
+    def _keyframe_before(self, pts: int) -> int:
+        i = bisect.bisect_right(self.keyframes, pts) - 1
+        return self.keyframes[max(i, 0)] if self.keyframes else self.pts[0]
+
+
+def read_video(ref: str, opts: dict[str, Any], policy: MediaPolicy,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """The sampled frames of a video file or URL: (T, H, W, 3) uint8."""
+    src = resolve_source(ref, policy, "video")
+    reader = VideoReader(io.BytesIO(src.data) if src.data is not None else src.path)
+    try:
+        info = reader.info
+        first, last = frame_range(opts, info.total_frames, info.fps)
+        n = smart_nframes(opts, last - first + 1, info.fps)
+        return reader.frames(sample_indices(first, last, n), progress)
+    finally:
+        reader.close()
+
+
+def frames_from_images(items: list[Any], opts: dict[str, Any], spec: VisionSpec, policy: MediaPolicy) -> torch.Tensor:
+    """A video given as a list of frame images -> (T, C, H, W) uint8, T even.
+
+    qwen-vl-utils 0.0.14 first fetches every frame as an image with factor 2 * 28 = 56 (its `image_patch_size`
+    quirk), then pads to an even count by repeating the last frame.
+    """
+    keys = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+    image_opts = {k: opts[k] for k in keys if k in opts}
+    factor = 2 * spec.factor
+    frames = []
+    for i, item in enumerate(items):
+        try:
+            image = load_image(item, policy)
+        except InputError as e:
+            raise InputError(f"frame {i}: {e}") from None
+        if "resized_height" in image_opts and "resized_width" in image_opts:
+            h, w = smart_resize(image_opts["resized_height"], image_opts["resized_width"], factor)
+        else:
+            h, w = smart_resize(image.height, image.width, factor, image_opts.get("min_pixels"),
+                                image_opts.get("max_pixels"))
+        frames.append(image_to_uint8(resize_image(image, h, w)))
+    if not frames:
+        raise InputError("a video given as a list of frames needs at least one frame")
+    if len({tuple(f.shape) for f in frames}) > 1:
+        raise InputError("the frames of a video given as a list resize to different sizes; give frames of one size")
+    frames += [frames[-1]] * (_ceil_by(len(frames), FRAME_FACTOR) - len(frames))
+    return torch.stack(frames)
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(T, C, H, W) bicubic with antialias, as torchvision's `transforms.functional.resize` (which qwen-vl-utils uses):
+    uint8 is resized in float32, clamped, rounded and cast back; float stays float."""
+    if frames.shape[-2:] == (height, width):
+        return frames
+    x = F.interpolate(frames.float(), size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0, 255).round().to(torch.uint8) if frames.dtype == torch.uint8 else x
+
+
+def video_patches(frames: torch.Tensor, opts: dict[str, Any], spec: VisionSpec
+                  ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Sampled uint8 frames (T, C, H, W) -> (pixel rows, grid), as qwen-vl-utils' fetch_video + the processor."""
+    T, _, H, W = frames.shape
+    f = spec.factor
+    min_pixels = opts.get("min_pixels", VIDEO_MIN_TOKENS * f * f)
+    total_pixels = opts.get("total_pixels", MODEL_SEQ_LEN * f * f * 0.9)
+    max_pixels = max(min(VIDEO_MAX_TOKENS * f * f, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = min(opts.get("max_pixels", max_pixels), max_pixels)  # a user max is capped by the budget
+    if "resized_height" in opts and "resized_width" in opts:
+        h, w = smart_resize(opts["resized_height"], opts["resized_width"], f)
+    else:
+        h, w = smart_resize(H, W, f, min_pixels, max_pixels)
+    x = resize_frames(frames, h, w).float()  # values 0..255
+    # The processor's own bounds (a no-op unless the item's limits lie outside them), on float frames.
+    h2, w2 = smart_resize(h, w, f, spec.min_pixels, spec.max_pixels)
+    x = resize_frames(x, h2, w2)
+    if x.shape[0] % spec.temporal_patch_size:  # odd frame count: repeat the last frame
+        x = torch.cat([x, x[-1:].expand(spec.temporal_patch_size - x.shape[0] % spec.temporal_patch_size, -1, -1, -1)])
+    # transformers' video processor fuses rescale and normalize: (x - 255 mean) / (255 std), in float32
+    mean = torch.tensor(spec.image_mean) * (1.0 / (1 / 255))
+    std = torch.tensor(spec.image_std) * (1.0 / (1 / 255))
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    return patchify(x, spec)
