@@ -4,7 +4,9 @@ from .api import Qwen2VL
 from .config import Qwen2VLConfig, TextConfig, VisionConfig
 from .datatypes import ModelInputs
 from .errors import CheckpointError, ConfigError, InputError, Qwen2VLError
+from .inputs.fetch import MediaPolicy
+from .processor import Processor
 
-__all__ = ["Qwen2VL", "Qwen2VLConfig", "TextConfig", "VisionConfig", "ModelInputs",
+__all__ = ["Qwen2VL", "Processor", "MediaPolicy", "Qwen2VLConfig", "TextConfig", "VisionConfig", "ModelInputs",
            "CheckpointError", "ConfigError", "InputError", "Qwen2VLError"]
 __version__ = "0.1.0"

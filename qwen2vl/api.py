@@ -12,6 +12,7 @@ from .config import Qwen2VLConfig
 from .datatypes import ModelInputs
 from .errors import CheckpointError
 from .model import Qwen2VLModel
+from .processor import Processor
 from .weights import load_weights, resolve_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -32,10 +33,18 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 class Qwen2VL:
     """A loaded Qwen2-VL model. `model` is the torch module; `config` the parsed config.json."""
 
-    def __init__(self, model: Qwen2VLModel, path: Path | None = None):
+    def __init__(self, model: Qwen2VLModel, processor: Processor | None = None, path: Path | None = None):
         self.model = model
         self.config: Qwen2VLConfig = model.cfg
+        self._processor = processor
         self.path = path
+
+    @property
+    def processor(self) -> Processor:
+        """The checkpoint's Processor (chat template, tokenizer, image/video preprocessing)."""
+        if self._processor is None:
+            raise CheckpointError(f"checkpoint {self.path} has no tokenizer.json / chat template, so no processor")
+        return self._processor
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -58,7 +67,8 @@ class Qwen2VL:
             module = Qwen2VLModel(cfg)
         tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
         load_weights(module, ckpt, dtype=resolve_dtype(dtype, device), device=device, tied=tied, progress=progress)
-        return cls(module.eval(), ckpt)
+        processor = Processor.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
+        return cls(module.eval(), processor, ckpt)
 
     @property
     def device(self) -> torch.device:

@@ -64,6 +64,15 @@ class ModelInputs:
                 raise InputError(f"{kind} pixel values have shape {tuple(px.shape)} but {kind}_grid_thw "
                                  f"{grid.tolist()} needs {rows} patch rows")
 
+    # Mapping access, like transformers' BatchFeature: inputs["input_ids"], dict(inputs), **inputs.
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
                               for f in fields(self)})

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("QWEN2VL_ASSETS", ROOT.parent / "shared" / "assets"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def assets() -> Path:
     if not ASSETS.is_dir():
         if os.environ.get("CI"):

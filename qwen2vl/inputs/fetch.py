@@ -69,8 +69,10 @@ def resolve_source(ref: str, policy: MediaPolicy, kind: str = "image") -> Source
 
 
 def _b64decode(payload: str) -> bytes:
+    payload = "".join(payload.split())
+    urlsafe = "-" in payload or "_" in payload
     try:
-        return base64.b64decode("".join(payload.split()), validate=False, altchars=b"-_" if "-" in payload else None)
+        return base64.b64decode(payload, altchars=b"-_" if urlsafe else None, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InputError(f"invalid base64 data: {e}") from None
 

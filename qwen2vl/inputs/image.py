@@ -107,7 +107,9 @@ def _open(ref: str, policy: MediaPolicy) -> Image.Image:
         return _decode(Image.open(src.path), policy)
     except InputError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
+    except (OSError, ValueError) as e:
         raise InputError(f"cannot read image {src.path}: {e}") from None
 
 
@@ -116,7 +118,9 @@ def _open_bytes(data: bytes, policy: MediaPolicy) -> Image.Image:
         return _decode(Image.open(io.BytesIO(data)), policy)
     except InputError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
+    except (OSError, ValueError) as e:
         raise InputError(f"not a readable image ({len(data)} bytes): {e}") from None
 
 

@@ -124,21 +124,25 @@ class VideoReader:
         self.container.close()
 
     def frames(self, indices: list[int], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """RGB frames (len(indices), H, W, 3) uint8; only these frames are kept in memory."""
+        """RGB frames (len(indices), H, W, 3) uint8. Each wanted frame is copied into one preallocated array as it
+        is decoded; no other decoded frame is kept."""
         import av
 
         wanted = sorted(set(indices))
-        got: dict[int, np.ndarray] = {}
+        slot = {index: i for i, index in enumerate(wanted)}
+        out: np.ndarray | None = None
         k = 0
         try:
             while k < len(wanted):
-                target = self.pts[wanted[k]]
-                self.container.seek(self._keyframe_before(target), stream=self.stream, backward=True)
+                self.container.seek(self._keyframe_before(self.pts[wanted[k]]), stream=self.stream, backward=True)
                 for frame in self.container.decode(self.stream):
                     if frame.pts is None or frame.pts < self.pts[wanted[k]]:
                         continue
                     # The first frame at or after the wanted timestamp (equal for well-formed streams).
-                    got[wanted[k]] = frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")
+                    if out is None:
+                        out = np.empty((len(wanted), *rgb.shape), dtype=np.uint8)
+                    out[slot[wanted[k]]] = rgb
                     k += 1
                     if progress:
                         progress(1)
@@ -151,10 +155,10 @@ class VideoReader:
                     break  # end of stream
         except av.error.FFmpegError as e:
             raise InputError(f"cannot decode video: {e}") from None
-        if len(got) < len(wanted):
-            raise InputError(f"video ended after decoding {len(got)} of {len(wanted)} sampled frames "
+        if k < len(wanted):
+            raise InputError(f"video ended after decoding {k} of {len(wanted)} sampled frames "
                              "(truncated or corrupt file)")
-        return np.stack([got[i] for i in indices])
+        return out if wanted == list(indices) else out[[slot[i] for i in indices]]
 
     def _keyframe_before(self, pts: int) -> int:
         i = bisect.bisect_right(self.keyframes, pts) - 1
