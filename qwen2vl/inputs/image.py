@@ -101,27 +101,20 @@ def load_image(source: Any, policy: MediaPolicy) -> Image.Image:
 
 def _open(ref: str, policy: MediaPolicy) -> Image.Image:
     src = resolve_source(ref, policy, "image")
-    if src.data is not None:
-        return _open_bytes(src.data, policy)
-    try:
-        return _decode(Image.open(src.path), policy)
-    except InputError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read image {src.path}: {e}") from None
+    return _read(src.path, policy) if src.data is None else _open_bytes(src.data, policy)
 
 
 def _open_bytes(data: bytes, policy: MediaPolicy) -> Image.Image:
+    return _read(io.BytesIO(data), policy, f"({len(data)} bytes)")
+
+
+def _read(file: Path | io.BytesIO, policy: MediaPolicy, label: str | None = None) -> Image.Image:
     try:
-        return _decode(Image.open(io.BytesIO(data)), policy)
-    except InputError:
-        raise
+        return _decode(Image.open(file), policy)
     except Image.DecompressionBombError as e:
         raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"not a readable image ({len(data)} bytes): {e}") from None
+        raise InputError(f"cannot read image {label or file}: {e}") from None
 
 
 def _decode(image: Image.Image, policy: MediaPolicy) -> Image.Image:
