@@ -111,6 +111,8 @@ def _open_bytes(data: bytes, policy: MediaPolicy) -> Image.Image:
 def _read(file: Path | io.BytesIO, policy: MediaPolicy, label: str | None = None) -> Image.Image:
     try:
         return _decode(Image.open(file), policy)
+    except InputError:
+        raise
     except Image.DecompressionBombError as e:
         raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
     except (OSError, ValueError) as e:
