@@ -5,8 +5,10 @@ from .config import Qwen2VLConfig, TextConfig, VisionConfig
 from .datatypes import ModelInputs
 from .errors import CheckpointError, ConfigError, InputError, Qwen2VLError
 from .inputs.fetch import MediaPolicy
+from .generate import ChatResult, Usage
 from .processor import Processor
+from .sampling import SamplingParams
 
-__all__ = ["Qwen2VL", "Processor", "MediaPolicy", "Qwen2VLConfig", "TextConfig", "VisionConfig", "ModelInputs",
+__all__ = ["Qwen2VL", "Processor", "MediaPolicy", "SamplingParams", "ChatResult", "Usage", "Qwen2VLConfig", "TextConfig", "VisionConfig", "ModelInputs",
            "CheckpointError", "ConfigError", "InputError", "Qwen2VLError"]
 __version__ = "0.1.0"

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .config import Qwen2VLConfig
 from .datatypes import ModelInputs
 from .errors import CheckpointError
+from .generate import ChatResult, Generation, TextDelta, VisionCache, stream_text, usage
+from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .model import Qwen2VLModel
 from .processor import Processor
+from .sampling import SamplingParams
 from .weights import load_weights, resolve_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,6 +41,8 @@ class Qwen2VL:
         self.config: Qwen2VLConfig = model.cfg
         self._processor = processor
         self.path = path
+        self.defaults = SamplingParams.from_generation_config(path)  # the checkpoint's generation_config.json
+        self.vision_cache = VisionCache()  # vision-encoder outputs by content, reused across calls
 
     @property
     def processor(self) -> Processor:
@@ -85,3 +90,84 @@ class Qwen2VL:
         image_grid_thw, pixel_values_videos, video_grid_thw), as a mapping or an object.
         """
         return self.model.logits(ModelInputs.of(inputs))
+
+    def sampling(self, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        """The checkpoint's defaults with `params` and keyword overrides applied."""
+        return self.defaults.updated(params, **overrides)
+
+    def generate(self, inputs: Any, max_new_tokens: int | None = None, sampling: SamplingParams | None = None,
+                 **kwargs: Any) -> list[list[int]]:
+        """New token ids of every prompt in `inputs` (the eos token included when generation stopped on it).
+
+        Sampling keywords: temperature (0 = greedy), top_p, top_k, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seed, stop, stop_token_ids, min_new_tokens; or a SamplingParams as `sampling`.
+        """
+        params = self.sampling(sampling, max_new_tokens=max_new_tokens, **kwargs)
+        x = ModelInputs.of(inputs)
+        generation = Generation(self.model, x, [params] * x.input_ids.shape[0], self.vision_cache)
+        out: list[list[int]] = [[] for _ in range(x.input_ids.shape[0])]
+        steps = stream_text(generation, self.processor.tokenizer) if params.stop else generation
+        for step in steps:
+            if isinstance(step, TextDelta):
+                out[step.row].append(step.token)
+            else:
+                for row, token in zip(step.rows, step.tokens):
+                    out[row].append(token)
+        return out
+
+    def chat(self, conversation_or_batch: Any, stream: bool = False, sampling: SamplingParams | None = None,
+             **kwargs: Any) -> "ChatResult | list[ChatResult] | ChatStream":
+        """Answer one conversation (a ChatResult), a batch of them (a list), or stream one (`stream=True`: an
+        iterator of text deltas whose `.result` is the ChatResult once it is exhausted).
+
+        Keywords are sampling parameters (see `generate`) or processor options (min_pixels, max_pixels, fps, ...).
+        """
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_OPTIONS}
+        params = self.sampling(sampling, **kwargs)
+        single = isinstance(conversation_or_batch, (list, tuple)) and bool(conversation_or_batch) \
+            and isinstance(conversation_or_batch[0], dict)
+        batch = as_batch(conversation_or_batch)
+        if stream and len(batch) != 1:
+            raise ValueError("stream=True takes one conversation")
+        inputs = self.processor(batch, **options)
+        generation = Generation(self.model, inputs, [params] * len(batch), self.vision_cache)
+        deltas = stream_text(generation, self.processor.tokenizer)
+        if stream:
+            return ChatStream(deltas, inputs, self.config, params)
+        results = _collect(deltas, inputs, self.config, params, len(batch))
+        return results[0] if single else results
+
+
+class ChatStream:
+    """Text deltas of one answer as they are generated; `.result` (a ChatResult) once exhausted."""
+
+    def __init__(self, deltas: Iterator[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig,
+                 params: SamplingParams):
+        self._deltas, self._inputs, self._config, self._params = deltas, inputs, config, params
+        self._parts: list[TextDelta] = []
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for d in self._deltas:
+            self._parts.append(d)
+            if d.text:
+                yield d.text
+        self.result = _result(self._parts, self._inputs, self._config, self._params, 0)
+
+
+def _collect(deltas: Iterator[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig, params: SamplingParams,
+             n: int) -> list[ChatResult]:
+    parts: list[list[TextDelta]] = [[] for _ in range(n)]
+    for d in deltas:
+        parts[d.row].append(d)
+    return [_result(p, inputs, config, params, row) for row, p in enumerate(parts)]
+
+
+def _result(parts: list[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig, params: SamplingParams,
+            row: int) -> ChatResult:
+    return ChatResult(
+        text="".join(d.text for d in parts), token_ids=[d.token for d in parts],
+        finish_reason=parts[-1].finish_reason or "length",
+        usage=usage(inputs, row, len(parts), config.image_token_id, config.video_token_id),
+        logprobs=[d.logprob for d in parts] if params.logprobs else None,
+        top_logprobs=[d.top_logprobs for d in parts] if params.logprobs and params.top_logprobs else None)

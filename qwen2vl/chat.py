@@ -85,3 +85,60 @@ def _raise(message: str):
     from jinja2.exceptions import TemplateError
 
     raise TemplateError(message)
+
+
+class TextStream:
+    """Incremental detokenization of one sequence, with stop strings.
+
+    `add(token)` returns the new text that is safe to show: never a broken UTF-8 character (a delta is released only
+    when its decode does not end in U+FFFD) and never the start of a possible stop string. Concatenated deltas plus
+    `finish()` equal the decode of all tokens, cut before the first stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = (), skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the tail of what is already in `text`
+        self.text = ""  # all decoded text so far
+        self.sent = 0  # how much of `text` has been handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text (including an incomplete character at the very end, as decode shows it)."""
+        if not self.stopped:
+            tail = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+            self.text += tail
+            self.prefix = self.read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if not self.stopped:
+            for s in self.stop:
+                i = self.text.find(s, max(0, self.sent - len(s) + 1))
+                if i != -1:
+                    self.text, self.stopped = self.text[:i], True
+        end = len(self.text)
+        if not final and not self.stopped:  # hold back a tail that could grow into a stop string
+            for s in self.stop:
+                for n in range(min(len(s) - 1, end - self.sent), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        end = min(end, len(self.text) - n)
+                        break
+        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return delta

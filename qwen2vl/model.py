@@ -5,6 +5,8 @@ Module names match the checkpoints' tensor names: `visual.*`, `model.*` (the tex
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -56,17 +58,21 @@ class Qwen2VLModel(nn.Module):
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, embeds.dtype)
         return self.model(embeds, cos, sin, attention_mask(key_valid, embeds.shape[1]), cache)
 
-    def prompt_embeddings(self, x: ModelInputs) -> torch.Tensor:
-        """Embeddings of a whole prompt, running the vision encoder once over all its images and videos."""
+    def prompt_embeddings(self, x: ModelInputs, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                          ) -> torch.Tensor:
+        """Embeddings of a whole prompt. All images and videos go through `encode` (default: the vision encoder) in
+        one call, images first; generation passes an encoder with a cache in front."""
         image_embeds = video_embeds = None
         grids = [g for g in (x.image_grid_thw, x.video_grid_thw) if g is not None]
         if grids:
             pixels = torch.cat([p for p in (x.pixel_values, x.pixel_values_videos) if p is not None])
-            visual = self.encode_vision(pixels, torch.cat(grids))
-            n_image = 0 if x.image_grid_thw is None else int(x.image_grid_thw.prod(-1).sum()) // self.cfg.vision.spatial_merge_size**2
-            image_embeds, video_embeds = visual[:n_image], visual[n_image:]
-            image_embeds = image_embeds if x.image_grid_thw is not None else None
-            video_embeds = video_embeds if x.video_grid_thw is not None else None
+            visual = (encode or self.encode_vision)(pixels, torch.cat(grids))
+            n_image = 0 if x.image_grid_thw is None else \
+                int(x.image_grid_thw.prod(-1).sum()) // self.cfg.vision.spatial_merge_size**2
+            if x.image_grid_thw is not None:
+                image_embeds = visual[:n_image]
+            if x.video_grid_thw is not None:
+                video_embeds = visual[n_image:]
         return self.embed(x.input_ids, image_embeds, video_embeds)
 
     @torch.inference_mode()

@@ -1,0 +1,190 @@
+"""Generation: greedy parity with transformers' generate, batch == single, cached decode == full recompute, the
+vision-embedding cache, and the chat API."""
+
+import shutil
+
+import pytest
+import torch
+
+from qwen2vl import Qwen2VL
+from tests.oracle import TINY, build_inputs, flat_config, hf_model, save_hub_style
+from tests.oracle_inputs import hf_processor, oracle_inputs
+
+STEPS = 32
+CASES = {
+    "text": [[("text", 11)]],
+    "one-image": [[("text", 5), ("image", (1, 4, 6)), ("text", 7)]],
+    "two-images": [[("text", 3), ("image", (1, 6, 4)), ("text", 2), ("image", (1, 2, 8)), ("text", 4)]],
+    "video": [[("text", 4), ("video", (2, 4, 4)), ("text", 5)]],
+}
+FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
+         "generation_config.json"]
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def pair(request, tmp_path_factory):
+    config = flat_config(request.param)
+    hf = hf_model(config, seed=7)
+    path = save_hub_style(hf, config, tmp_path_factory.mktemp(request.param))
+    return hf, Qwen2VL.from_pretrained(path, progress=False), config
+
+
+@pytest.fixture(scope="module")
+def real_vocab(assets, tmp_path_factory):
+    """A tiny random model with the real tokenizer, chat template and special-token ids."""
+    config = flat_config("gqa3-untied")
+    config.update(vocab_size=151936, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                  vision_end_token_id=151653, vision_token_id=151654)
+    hf = hf_model(config, seed=11)
+    path = save_hub_style(hf, config, tmp_path_factory.mktemp("real-vocab"))
+    for name in FILES:
+        shutil.copy(assets / "qwen2-vl-2b-instruct" / name, path / name)
+    return hf, Qwen2VL.from_pretrained(path, progress=False), path
+
+
+def hf_greedy(hf, inputs, steps=STEPS):
+    with torch.no_grad():
+        out = hf.generate(**inputs, do_sample=False, max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
+    return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_matches_transformers(pair, case):
+    hf, ours, config = pair
+    inputs = build_inputs(CASES[case], config["vocab_size"], seed=3)
+    ref = hf_greedy(hf, inputs)
+    got = ours.generate({k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, max_new_tokens=STEPS,
+                        temperature=0, min_new_tokens=STEPS)
+    assert got == ref
+
+
+def test_greedy_multi_turn_matches_transformers(real_vocab, assets):
+    hf, ours, path = real_vocab
+    img = lambda n: {"type": "image", "image": str(assets / "images" / n), "max_pixels": 64 * 28 * 28}
+    conv = [{"role": "user", "content": [img("cat.png"), {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "A cat on a bench."},
+            {"role": "user", "content": [img("chart-pew.png"), {"type": "text", "text": "And this one?"}]}]
+    ref = hf_greedy(hf, oracle_inputs(hf_processor(path), conv))
+    got = ours.generate(ours.processor(conv), max_new_tokens=STEPS, temperature=0, min_new_tokens=STEPS)
+    assert got == ref
+
+
+def test_batch_equals_single(real_vocab, assets):
+    """4 conversations with different image sizes and prompt lengths, batched (left-padded) vs one by one.
+
+    Tie-aware (as vLLM's check_logprobs_close): if the runs part ways at a step where the single run's top-2
+    logprobs lie within 1e-5, that sample stops being compared there. The count of such ties is asserted to be
+    small and reported."""
+    hf, ours, _ = real_vocab
+    img = lambda n, px: {"type": "image", "image": str(assets / "images" / n), "max_pixels": px * 28 * 28}
+    batch = [
+        [{"role": "user", "content": [img("cat.png", 64), {"type": "text", "text": "Describe."}]}],
+        [{"role": "user", "content": [img("receipt.jpg", 160), {"type": "text", "text": "What is the total on this "
+                                                                              "receipt, and where was it printed?"}]}],
+        [{"role": "system", "content": "Answer briefly."},
+         {"role": "user", "content": [img("chart-pew.png", 32), img("sign-scenetext.jpg", 100),
+                                      {"type": "text", "text": "Compare the two."}]}],
+        [{"role": "user", "content": "No image here; just count to ten."}],
+    ]
+    kw = dict(max_new_tokens=24, temperature=0, min_new_tokens=24, logprobs=True, top_logprobs=2)
+    batched = ours.chat(batch, **kw)
+    ties = 0
+    for conv, b in zip(batch, batched):
+        s = ours.chat(conv, **kw)
+        for k, (tb, ts) in enumerate(zip(b.token_ids, s.token_ids)):
+            if tb != ts:
+                (_, l1), (_, l2) = s.top_logprobs[k]
+                assert l1 - l2 < 1e-5, f"diverged at step {k} without a tie ({l1 - l2:.2e})"
+                ties += 1
+                break
+        else:
+            assert b.token_ids == s.token_ids
+    assert ties <= 1, f"{ties} tie-broken divergences"
+    print(f"batch == single: {len(batch)} conversations, {ties} tie-broken divergences")
+
+
+def test_cached_decode_equals_full_recompute(pair):
+    """The logits of every decode step (from the KV cache) equal model.logits over the whole sequence."""
+    hf, ours, config = pair
+    inputs = {k: v for k, v in build_inputs([[("text", 3), ("image", (1, 4, 6)), ("text", 4)],
+                                             [("text", 9), ("video", (2, 2, 4)), ("text", 2)]],
+                                            config["vocab_size"], seed=5).items() if k != "mm_token_type_ids"}
+    captured = []
+    hook = ours.model.lm_head.register_forward_hook(lambda mod, args, out: captured.append(out.float()))  # (B, V)
+    try:
+        generated = ours.generate(inputs, max_new_tokens=8, temperature=0, min_new_tokens=8)
+    finally:
+        hook.remove()
+    new = torch.tensor(generated)
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1))
+    ref = ours.logits(full)
+    L = inputs["input_ids"].shape[1]
+    for k, step_logits in enumerate(captured):  # step k's logits predict token k from position L + k - 1
+        diff = (step_logits - ref[:, L + k - 1]).abs().max().item()
+        assert diff <= 1e-4, f"step {k}: {diff:.2e}"
+    assert len(captured) == 8
+
+
+def test_vision_cache_skips_the_encoder_on_a_second_turn(real_vocab, assets):
+    hf, ours, _ = real_vocab
+    calls = []
+    hook = ours.model.visual.register_forward_hook(lambda mod, args, out: calls.append(args[1].tolist()))
+    ours.vision_cache.entries.clear()
+    image = {"type": "image", "image": str(assets / "images" / "astronaut.png"), "max_pixels": 64 * 28 * 28}
+    turn1 = [{"role": "user", "content": [image, {"type": "text", "text": "Who is this?"}]}]
+    try:
+        first = ours.chat(turn1, max_new_tokens=6, temperature=0)
+        assert len(calls) == 1
+        turn2 = turn1 + [{"role": "assistant", "content": first.text},
+                         {"role": "user", "content": "What is behind them?"}]
+        second = ours.chat(turn2, max_new_tokens=6, temperature=0)
+        assert len(calls) == 1, "the vision encoder ran again for an image it had seen"
+        ours.vision_cache.entries.clear()  # the same question without the cache gives identical tokens
+        fresh = ours.chat(turn2, max_new_tokens=6, temperature=0)
+        assert len(calls) == 2 and fresh.token_ids == second.token_ids
+        # the same image twice in one batch runs the encoder once for it
+        calls.clear()
+        ours.vision_cache.entries.clear()
+        ours.chat([turn1, turn1], max_new_tokens=2, temperature=0)
+        assert calls == [[[1, 16, 16]]]
+    finally:
+        hook.remove()
+
+
+def test_chat_results_and_streaming(real_vocab, assets):
+    hf, ours, _ = real_vocab
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(assets / "images" / "cat.png"),
+                                          "max_pixels": 64 * 28 * 28}, {"type": "text", "text": "Hi"}]}]
+    r = ours.chat(conv, max_new_tokens=10, temperature=0, min_new_tokens=10)
+    assert r.finish_reason == "length" and len(r.token_ids) == 10
+    assert r.text == ours.processor.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    x = ours.processor(conv)
+    assert r.usage.prompt_tokens == x.input_ids.shape[1] and r.usage.completion_tokens == 10
+    assert r.usage.image_tokens == int(x.image_grid_thw.prod()) // 4 and r.usage.video_tokens == 0
+    stream = ours.chat(conv, stream=True, max_new_tokens=10, temperature=0, min_new_tokens=10)
+    deltas = list(stream)
+    assert "".join(deltas) == r.text and stream.result.token_ids == r.token_ids
+    # a stop string ends the answer and is not part of it
+    if len(r.text) > 4:
+        stop = r.text[2:5]
+        cut = ours.chat(conv, max_new_tokens=10, temperature=0, min_new_tokens=10, stop=[stop])
+        assert cut.finish_reason == "stop" and cut.text == r.text[:r.text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(real_vocab, assets):
+    hf, ours, _ = real_vocab
+    conv = [{"role": "user", "content": "Tell me a story."}]
+    a = ours.chat(conv, max_new_tokens=12, temperature=1.0, seed=123)
+    b = ours.chat(conv, max_new_tokens=12, temperature=1.0, seed=123)
+    c = ours.chat(conv, max_new_tokens=12, temperature=1.0, seed=124)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_checkpoint_generation_defaults(real_vocab):
+    hf, ours, _ = real_vocab
+    d = ours.defaults  # generation_config.json: do_sample with top_k 1 (in effect greedy), eos [151645, 151643]
+    assert d.top_k == 1 and d.greedy and d.stop_token_ids == [151645, 151643]
+    p = ours.sampling(temperature=0.7)
+    assert p.temperature == 0.7 and p.top_k == 0 and p.top_p == 1.0 and not p.greedy
+    assert p.stop_token_ids == [151645, 151643]
