@@ -132,3 +132,25 @@ def build_inputs(samples: list[list[tuple]], vocab_size: int, seed: int = 0) -> 
 def hf_logits(model, inputs: dict, **extra) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **extra).logits.float()
+
+
+CHECKPOINT_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
+                    "generation_config.json"]
+
+
+def tiny_checkpoint(name: str, path: Path, seed: int = 0, real_vocab_from: Path | None = None):
+    """(transformers model, checkpoint dir) for tiny config `name`. With `real_vocab_from` (a checkpoint directory
+    such as the 2B assets), the model gets the real vocabulary size and special-token ids, and the checkpoint that
+    directory's tokenizer, chat template, preprocessor and generation configs."""
+    import shutil
+
+    config = flat_config(name)
+    if real_vocab_from is not None:
+        config.update(vocab_size=151936, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                      vision_end_token_id=151653, vision_token_id=151654)
+    hf = hf_model(config, seed=seed)
+    save_hub_style(hf, config, path)
+    if real_vocab_from is not None:
+        for file in CHECKPOINT_FILES:
+            shutil.copy(real_vocab_from / file, path / file)
+    return hf, path, config

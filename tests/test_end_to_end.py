@@ -2,27 +2,18 @@
 qwen-vl-utils + transformers' processor feeding transformers' model, on a tiny random checkpoint that has the real
 tokenizer, chat template and special-token ids."""
 
-import shutil
-
 import pytest
 
 from qwen2vl import Qwen2VL
-from tests.oracle import flat_config, hf_logits, hf_model, save_hub_style
+from tests.oracle import hf_logits, tiny_checkpoint
 from tests.oracle_inputs import hf_processor, oracle_inputs
 
-FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
-         "generation_config.json"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(assets, tmp_path_factory):
-    config = flat_config("gqa2-tied")
-    config.update(vocab_size=151936, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                  vision_end_token_id=151653, vision_token_id=151654)
-    hf = hf_model(config, seed=5)
-    path = save_hub_style(hf, config, tmp_path_factory.mktemp("tiny-real-vocab"))
-    for name in FILES:
-        shutil.copy(assets / "qwen2-vl-2b-instruct" / name, path / name)
+    hf, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("tiny-real-vocab"), seed=5,
+                                  real_vocab_from=assets / "qwen2-vl-2b-instruct")
     return hf, path
 
 

@@ -1,13 +1,11 @@
 """Generation: greedy parity with transformers' generate, batch == single, cached decode == full recompute, the
 vision-embedding cache, and the chat API."""
 
-import shutil
-
 import pytest
 import torch
 
 from qwen2vl import Qwen2VL
-from tests.oracle import TINY, build_inputs, flat_config, hf_model, save_hub_style
+from tests.oracle import TINY, build_inputs, tiny_checkpoint
 from tests.oracle_inputs import hf_processor, oracle_inputs
 
 STEPS = 32
@@ -17,28 +15,19 @@ CASES = {
     "two-images": [[("text", 3), ("image", (1, 6, 4)), ("text", 2), ("image", (1, 2, 8)), ("text", 4)]],
     "video": [[("text", 4), ("video", (2, 4, 4)), ("text", 5)]],
 }
-FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
-         "generation_config.json"]
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))
 def pair(request, tmp_path_factory):
-    config = flat_config(request.param)
-    hf = hf_model(config, seed=7)
-    path = save_hub_style(hf, config, tmp_path_factory.mktemp(request.param))
+    hf, path, config = tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=7)
     return hf, Qwen2VL.from_pretrained(path, progress=False), config
 
 
 @pytest.fixture(scope="module")
 def real_vocab(assets, tmp_path_factory):
     """A tiny random model with the real tokenizer, chat template and special-token ids."""
-    config = flat_config("gqa3-untied")
-    config.update(vocab_size=151936, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                  vision_end_token_id=151653, vision_token_id=151654)
-    hf = hf_model(config, seed=11)
-    path = save_hub_style(hf, config, tmp_path_factory.mktemp("real-vocab"))
-    for name in FILES:
-        shutil.copy(assets / "qwen2-vl-2b-instruct" / name, path / name)
+    hf, path, _ = tiny_checkpoint("gqa3-untied", tmp_path_factory.mktemp("real-vocab"), seed=11,
+                                  real_vocab_from=assets / "qwen2-vl-2b-instruct")
     return hf, Qwen2VL.from_pretrained(path, progress=False), path
 
 

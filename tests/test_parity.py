@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen2vl import Qwen2VL
-from tests.oracle import TINY, build_inputs, flat_config, hf_logits, hf_model, save_hub_style
+from tests.oracle import TINY, build_inputs, hf_logits, tiny_checkpoint
 
 ATOL = 1e-4
 
@@ -26,9 +26,7 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(TINY))
 def pair(request, tmp_path_factory):
     """(transformers model, our model) sharing the same random weights, via a hub-style checkpoint."""
-    config = flat_config(request.param)
-    hf = hf_model(config, seed=1)
-    path = save_hub_style(hf, config, tmp_path_factory.mktemp(request.param))
+    hf, path, config = tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=1)
     return hf, Qwen2VL.from_pretrained(path, progress=False), config
 
 
