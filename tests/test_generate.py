@@ -177,3 +177,34 @@ def test_checkpoint_generation_defaults(real_vocab):
     p = ours.sampling(temperature=0.7)
     assert p.temperature == 0.7 and p.top_k == 0 and p.top_p == 1.0 and not p.greedy
     assert p.stop_token_ids == [151645, 151643]
+
+
+def test_finished_rows_leave_the_batch(pair):
+    """Rows with different max_new_tokens: once a row is done, later decode steps run on fewer rows, and every
+    row's tokens equal its run alone."""
+    from qwen2vl.datatypes import ModelInputs
+    from qwen2vl.generate import Generation
+    from qwen2vl.sampling import SamplingParams
+
+    hf, ours, config = pair
+    inputs = ModelInputs.of({k: v for k, v in build_inputs([[("text", 5), ("image", (1, 4, 4)), ("text", 2)],
+                                                            [("text", 9)], [("text", 3), ("text", 4)]],
+                                                           config["vocab_size"], seed=2).items()
+                             if k != "mm_token_type_ids"})
+    lengths = [3, 8, 5]
+    batch_sizes = []
+    hook = ours.model.model.register_forward_hook(lambda mod, args, out: batch_sizes.append(args[0].shape[0]))
+    try:
+        out = [[] for _ in lengths]
+        for step in Generation(ours.model, inputs, [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]):
+            for row, token in zip(step.rows, step.tokens):
+                out[row].append(token)
+    finally:
+        hook.remove()
+    assert [len(o) for o in out] == lengths
+    assert batch_sizes == [3, 3, 3, 2, 2, 1, 1, 1]  # prefill, then decode steps 1..7
+    for b, n in enumerate(lengths):
+        alone = ModelInputs.of({"input_ids": inputs.input_ids[b:b + 1][:, inputs.attention_mask[b].bool()],
+                                "pixel_values": inputs.pixel_values if b == 0 else None,
+                                "image_grid_thw": inputs.image_grid_thw if b == 0 else None})
+        assert ours.generate(alone, max_new_tokens=n, temperature=0) == [out[b]]
