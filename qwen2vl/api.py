@@ -15,8 +15,10 @@ from .generate import ChatResult, Generation, TextDelta, VisionCache, stream_tex
 from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .model import Qwen2VLModel
 from .processor import Processor
+from .quant import QuantConfig, swap_quantized, swap_upcast
+from .quant import prepare as prepare_quantized
 from .sampling import SamplingParams
-from .weights import load_weights, resolve_checkpoint
+from .weights import load_weights, resolve_checkpoint, tensor_names
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -64,14 +66,20 @@ class Qwen2VL:
         """
         ckpt = resolve_checkpoint(path_or_hub_id)
         cfg = Qwen2VLConfig.from_file(ckpt)
-        if cfg.quantization:
-            raise CheckpointError(f"{ckpt} is a quantized checkpoint ({cfg.quantization.get('quant_method')}); "
-                                  "this version of qwen2vl loads only unquantized (BF16/FP16/FP32) checkpoints")
         device = torch.device(device)
-        with torch.device("meta"):
-            module = Qwen2VLModel(cfg)
+        compute = resolve_dtype(dtype, device)
+        with torch.device("meta"):  # nothing is allocated until the weights are loaded
+            module = Qwen2VLModel(cfg).to(compute)
+            if cfg.quantization:
+                # The checkpoint decides: its quantized linears are swapped in; on a CPU its 16-bit vision tower
+                # stays 16-bit in memory and is computed in float32 layer by layer.
+                swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute)
+                stored = _DTYPES.get(str(cfg.torch_dtype))
+                if device.type == "cpu" and compute == torch.float32 and stored in (torch.float16, torch.bfloat16):
+                    swap_upcast(module.visual, stored, compute)
         tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
-        load_weights(module, ckpt, dtype=resolve_dtype(dtype, device), device=device, tied=tied, progress=progress)
+        load_weights(module, ckpt, device=device, tied=tied, progress=progress)
+        prepare_quantized(module)
         processor = Processor.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
         return cls(module.eval(), processor, ckpt)
 

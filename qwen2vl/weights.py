@@ -91,12 +91,17 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, str]]:
                 yield canonical_name(key), f, key
 
 
-def load_weights(model: nn.Module, ckpt: Path, *, dtype: torch.dtype, device: torch.device | str,
+def tensor_names(ckpt: Path) -> set[str]:
+    """Canonical names of every tensor in the checkpoint (reads headers only)."""
+    return {name for name, _, _ in iter_tensors(safetensors_files(ckpt))}
+
+
+def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
                  tied: tuple[str, str] | None = None, progress: bool = False) -> None:
     """Fill every parameter and buffer of `model` (built on the meta device) from the checkpoint, strictly.
 
     `tied = (alias, source)`: `alias` (e.g. lm_head.weight) may be absent from the file; it is tied to `source`.
-    Floating tensors are converted to `dtype`; integer tensors (quantized weights) keep theirs.
+    Each tensor is converted to the dtype of the parameter it fills (so swapped-in layers choose their storage).
     """
     expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
     if tied:
@@ -133,7 +138,9 @@ def load_weights(model: nn.Module, ckpt: Path, *, dtype: torch.dtype, device: to
                     raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(shape)}, "
                                           f"the model expects {list(want.shape)}")
                 t = handle.get_tensor(key)
-                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                if t.is_floating_point() != want.is_floating_point():
+                    raise CheckpointError(f"tensor {name!r} in {f.name} is {t.dtype}, the model expects {want.dtype}")
+                t = t.to(device=device, dtype=want.dtype)
                 state[name] = t
                 bar.update(1)
     bar.close()

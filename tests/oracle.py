@@ -22,6 +22,10 @@ TINY = {
     "mha-wide": dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=2, tie_word_embeddings=False, mrope_section=[4, 6, 6],
                      vision=dict(depth=2, embed_dim=40, num_heads=2, mlp_ratio=4)),
+    # wide enough for group-128 quantization of every decoder linear (in_features 128 / 256)
+    "awq-tiny": dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, mrope_section=[4, 6, 6],
+                     vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4)),
 }
 IMAGE, VIDEO, VSTART, VEND, PAD = 5, 6, 3, 4, 0  # token ids used by the tiny configs
 FIRST_TEXT_ID = 10

@@ -1,0 +1,149 @@
+"""Linear layers swapped in at load time: quantized ones (AWQ, GPTQ) and ones whose weights are stored in 16 bits
+but computed in the activation dtype. Each quantized layer keeps the checkpoint's tensors until `prepare()` picks
+its kernel once: torch's int4 CPU kernel where it applies, else the reference dequantize-then-matmul."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import awq_unpack, dequantize, gptq_unpack
+
+
+class UpcastLinear(nn.Module):
+    """A linear layer stored in a 16-bit dtype and computed in the input's dtype (e.g. an fp16 vision tower run in
+    fp32 on a CPU: half the memory, the same numbers as fp32 weights holding the fp16 values)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, storage_dtype: torch.dtype,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=storage_dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W group-quantized in a checkpoint format ("awq" or "gptq")."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, bits: int, group_size: int,
+                 zero_offset: int = 1, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        K, N, G = in_features, out_features, in_features // group_size
+        self.in_features, self.out_features = K, N
+        self.fmt, self.bits, self.group_size, self.zero_offset = fmt, bits, group_size, zero_offset
+        per = 32 // bits
+        if fmt == "awq":
+            self.register_buffer("qweight", torch.empty(K, N // per, dtype=torch.int32))
+            self.register_buffer("qzeros", torch.empty(G, N // per, dtype=torch.int32))
+        else:
+            self.register_buffer("qweight", torch.empty(K // per, N, dtype=torch.int32))
+            self.register_buffer("qzeros", torch.empty(G, N // per, dtype=torch.int32))
+            self.register_buffer("g_idx", torch.empty(K, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(G, N))  # float32 whatever the file holds (fp16 in AWQ)
+        self.bias = nn.Parameter(torch.empty(N, dtype=dtype), requires_grad=False) if bias else None
+        self.kernel = "reference"
+
+    def unpacked(self):
+        """q (N, K) uint8, scales (G, N), zeros (G, N), g_idx (K,)."""
+        if self.fmt == "awq":
+            return awq_unpack(self.qweight, self.qzeros, self.scales, self.group_size)
+        return gptq_unpack(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size,
+                           self.zero_offset)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(*self.unpacked())
+
+    def prepare(self) -> None:
+        """Pick the kernel once, after loading, and convert the weights for it."""
+        q, scales, zeros, g_idx = self.unpacked()
+        if int4_cpu_supported(self.qweight.device, self.bits, self.in_features, self.out_features, self.group_size):
+            perm = torch.argsort(g_idx, stable=True)
+            if torch.equal(g_idx[perm], torch.arange(self.in_features, device=perm.device) // self.group_size):
+                self._to_int4_cpu(q, scales, zeros, perm)
+                return
+        self.kernel = "reference"
+
+    def _to_int4_cpu(self, q, scales, zeros, perm) -> None:
+        # torch's int4 CPU kernel computes W = (q - 8) * s + z per group, with bf16 activations
+        # (cpu-notes: fp32 activations take a ~30x slower path): z = (8 - zero) * s.
+        ordered = not torch.equal(perm, torch.arange(len(perm), device=perm.device))
+        q = q[:, perm] if ordered else q
+        self.register_buffer("perm", perm if ordered else None)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
+        self.register_buffer("scale_zero", torch.stack([scales, (8 - zeros) * scales], -1).to(torch.bfloat16))
+        # For large inputs (prefill) the exact path dequantizes from `packed` itself, so no second copy is kept.
+        self.exact = int4pack_layout() is not None and self.out_features % int4pack_layout()[0] == 0
+        if self.exact:
+            self.register_buffer("scales", scales.float())
+            self.register_buffer("zeros", zeros.float())
+        for name in ("qweight", "qzeros", "g_idx") + (() if self.exact else ("scales",)):
+            if hasattr(self, name):
+                delattr(self, name)  # the checkpoint form is no longer needed
+        self.kernel = "int4_cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "reference":
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.perm is not None:  # act-order: input features in group order
+            x2 = x2[:, self.perm]
+        if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: dequantize once, exact float32 GEMM
+            q = unpack_int4pack(self.packed, self.out_features, self.in_features)
+            y = F.linear(x2, dequantize_grouped(q, self.scales, self.zeros, self.group_size).to(x.dtype))
+        else:  # decode: int4 kernel on bf16 activations
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
+                                                           self.scale_zero).to(x.dtype)
+        y = y.view(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+DECODE_ROWS = 16  # inputs with at most this many rows use the int4 kernel (cpu-notes: it wins at M=1, not M>=64)
+
+
+def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q (N, K) with contiguous groups -> W (N, K) float32 = (q - zero) * scale."""
+    N, K = q.shape
+    g = q.view(N, K // group_size, group_size).float()
+    return ((g - zeros.t()[:, :, None]) * scales.t()[:, :, None]).view(N, K)
+
+
+def int4_cpu_supported(device: torch.device, bits: int, in_features: int, out_features: int, group_size: int) -> bool:
+    """Where torch's int4 CPU kernel applies (its packing needs out_features % 16 == 0)."""
+    return (device.type == "cpu" and bits == 4 and group_size in (32, 64, 128, 256) and in_features % group_size == 0
+            and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+@functools.lru_cache(maxsize=1)
+def int4pack_layout() -> tuple[int, torch.Tensor] | None:
+    """How torch's CPU int4 packing (which depends on the CPU: AVX-512, AVX2 or scalar) lays out nibbles, found by
+    packing index patterns: (B, perm) such that the packed bytes, read as nibbles (low, high), form (N/B, K, B)
+    slots with slot s of a block holding row perm[s]. None if the packing is not of that form."""
+    N, K = 128, 64
+    pack = lambda v: torch.ops.aten._convert_weight_to_int4pack_for_cpu(v.to(torch.int32).contiguous(), 2)
+    nib = lambda p: torch.stack([p & 0xF, p >> 4], -1).flatten().long()
+    n = torch.arange(N)[:, None].expand(N, K)
+    k = torch.arange(K)[None, :].expand(N, K)
+    rows = nib(pack(n % 16)) + 16 * nib(pack(n // 16))
+    cols = nib(pack(k % 16)) + 16 * nib(pack(k // 16))
+    for B in (64, 32, 16):
+        r, c = rows.view(N // B, K, B), cols.view(N // B, K, B)
+        perm = r[0, 0] % B
+        if torch.equal(c, torch.arange(K)[None, :, None].expand_as(c)) and \
+                torch.equal(r, (torch.arange(N // B)[:, None, None] * B + perm).expand_as(r)):
+            return B, perm
+    return None
+
+
+def unpack_int4pack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The levels q (N, K) uint8 back from torch's CPU int4 packing."""
+    B, perm = int4pack_layout()
+    slots = torch.stack([packed & 0xF, packed >> 4], -1).view(N // B, K, B)
+    q = torch.empty_like(slots)
+    q[..., perm] = slots  # q[i, k, r] = level of row i*B + r at column k
+    return q.transpose(1, 2).reshape(N, K)

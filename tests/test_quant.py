@@ -1,0 +1,225 @@
+"""Quantized checkpoints: layouts value by value, every kernel against the reference dequantization, and a whole
+tiny AWQ model written by `qwen2vl quantize` against transformers running its dequantized weights densely."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen2vl import Qwen2VL
+from qwen2vl.quant import QuantLinear
+from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
+                                   pack_columns, quantize_rtn, unpack_columns)
+from tests.oracle import build_inputs, hf_logits, hf_model, tiny_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def test_awq_nibble_order_by_hand():
+    """One packed int32 whose nibbles, from bit 0 up, are 1..8 (0x87654321). AutoAWQ's order [0,2,4,6,1,3,5,7]
+    puts nibble i in logical column order[i], so the columns read 1,5,2,6,3,7,4,8 (spec 2.2)."""
+    packed = torch.tensor([[0x87654321 - 2**32]], dtype=torch.int32)
+    assert unpack_columns(packed, 4, AWQ_ORDER).tolist() == [[1, 5, 2, 6, 3, 7, 4, 8]]
+    assert pack_columns(torch.tensor([[1, 5, 2, 6, 3, 7, 4, 8]]), 4, AWQ_ORDER).tolist() == packed.tolist()
+    # the full unpack: qweight (K=1... 128 rows) column block 0 holds output features 0..7 in that order
+    K, N, g = 128, 8, 128
+    qweight = torch.full((K, N // 8), 0x87654321 - 2**32, dtype=torch.int32)
+    qzeros = torch.tensor([[0x11111111]], dtype=torch.int32)  # every zero point is 1
+    scales = torch.full((1, N), 0.5, dtype=torch.float16)
+    q, s, z, g_idx = awq_unpack(qweight, qzeros, scales, g)
+    assert q.shape == (N, K) and q[:, 0].tolist() == [1, 5, 2, 6, 3, 7, 4, 8]
+    assert dequantize(q, s, z, g_idx)[:, 0].tolist() == [0.0, 2.0, 0.5, 2.5, 1.0, 3.0, 1.5, 3.5]  # (q - 1) * 0.5
+
+
+def test_gptq_layout_by_hand():
+    """GPTQ packs 8 consecutive input rows per int32 in order (4-bit; 4 rows for 8-bit), zeros along output
+    features in order, stored as zero - 1 (v1 format)."""
+    qweight = torch.tensor([[0x87654321 - 2**32]], dtype=torch.int32)  # rows k = 0..7 of output feature 0
+    qzeros = torch.tensor([[0x00000007]], dtype=torch.int32)  # feature 0 stores 7 -> zero point 8
+    q, s, z, g_idx = gptq_unpack(qweight, qzeros, torch.ones(1, 8), None, 4, 8)
+    assert q[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8] and z[0, 0] == 8
+    q8, _, z8, _ = gptq_unpack(torch.tensor([[0x04030201]], dtype=torch.int32),
+                               torch.tensor([[0x00000080]], dtype=torch.int32), torch.ones(1, 4), None, 8, 4)
+    assert q8[0].tolist() == [1, 2, 3, 4] and z8[0, 0] == 129
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_trips(bits):
+    g = torch.Generator().manual_seed(0)
+    N, K, G = 24, 256, 2
+    q = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(1, 2**bits, (G, N), generator=g).float()
+    qweight, qzeros = gptq_pack(q, zeros, bits)
+    q2, _, z2, _ = gptq_unpack(qweight, qzeros, torch.ones(G, N), None, bits, K // G)
+    assert torch.equal(q2, q) and torch.equal(z2, zeros)
+    if bits == 4:
+        qweight, qzeros = awq_pack(q, zeros)
+        q3, _, z3, _ = awq_unpack(qweight, qzeros, torch.ones(G, N), K // G)
+        assert torch.equal(q3, q) and torch.equal(z3, zeros)
+
+
+def test_rtn_quantization_error_is_bounded():
+    w = torch.randn(64, 512)
+    q, s, z = quantize_rtn(w, 4, 128)
+    w2 = dequantize(q, s, z, torch.arange(512) // 128)
+    err = (w2 - w).abs().view(64, 4, 128).amax(-1)
+    assert (err <= s.t() * 0.5 + 1e-3).all()  # at most half a step per group
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels against the reference
+
+
+def make_layer(fmt, bits, K, N, act_order=False, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    group = 128
+    G = K // group
+    w = torch.randn(N, K, generator=g) * 0.05
+    q, scales, zeros = quantize_rtn(w, bits, group)
+    layer = QuantLinear(K, N, bias, fmt, bits, group)
+    if fmt == "awq":
+        layer.qweight, layer.qzeros = awq_pack(q, zeros)
+    else:
+        g_idx = torch.arange(K) // group
+        if act_order:  # features of a group scattered over K, as GPTQ act-order leaves them
+            g_idx = g_idx[torch.randperm(K, generator=g)]
+            q = q  # levels are per (n, k); the group of feature k is g_idx[k]
+        layer.qweight, layer.qzeros = gptq_pack(q, zeros, bits)
+        layer.g_idx = g_idx.to(torch.int32)
+    layer.scales = scales.half().float()
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(N, generator=g) * 0.1, requires_grad=False)
+    return layer
+
+
+LAYERS = [("awq", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("gptq", 8, False)]
+
+
+@pytest.mark.parametrize("fmt, bits, act_order", LAYERS)
+@pytest.mark.parametrize("K, N", [(128, 64), (256, 136), (512, 200), (1536, 256)])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch):
+    """The chosen kernel against dequantize-then-matmul in float32.
+
+    Tolerance: for up to 16 rows (decode) the int4 CPU kernel runs on bf16 activations and returns bf16 (cpu-notes:
+    its fp32 path is ~30x slower), so inputs and outputs carry bf16 rounding (2^-9 relative each): relative error
+    <= 1e-2. Larger inputs (prefill, batch 64 here) and the reference kernel (8-bit, or where the int4 kernel does
+    not apply) compute in float32: <= 1e-5."""
+    layer = make_layer(fmt, bits, K, N, act_order)
+    x = torch.randn(batch, K, generator=torch.Generator().manual_seed(1))
+    ref = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    layer.prepare()
+    expected_kernel = "int4_cpu" if bits == 4 and N % 16 == 0 else "reference"  # N = 136: the fallback
+    assert layer.kernel == expected_kernel
+    y = layer(x)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    bf16 = layer.kernel == "int4_cpu" and batch <= 16
+    assert rel <= (1e-2 if bf16 else 1e-5), f"{layer.kernel}, batch {batch}: relative error {rel:.2e}"
+    y3 = layer(x.view(batch, 1, K))  # any leading shape
+    assert torch.equal(y3.view(batch, N), y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole model
+
+
+@pytest.fixture(scope="module", params=[("awq", 4), ("gptq", 4), ("gptq", 8)], ids=["awq", "gptq4", "gptq8"])
+def awq_model(request, tmp_path_factory):
+    """A tiny fp32 checkpoint, quantized by `qwen2vl quantize`; and transformers holding its dequantized weights."""
+    from qwen2vl.cli import main
+
+    method, bits = request.param
+    root = tmp_path_factory.mktemp(f"{method}{bits}")
+    _, src, config = tiny_checkpoint("awq-tiny", root / "fp32", seed=4)
+    assert main(["quantize", str(src), str(root / "awq"), "--method", method, "--bits", str(bits)]) == 0
+    ours = Qwen2VL.from_pretrained(root / "awq", progress=False)
+    kernel = "int4_cpu" if bits == 4 else "reference"
+    assert all(m.kernel == kernel for m in ours.model.modules() if isinstance(m, QuantLinear))
+    hf = hf_model(config, seed=0)
+    state = load_file(str(root / "awq" / "model.safetensors"))
+    dense = {}
+    for key in [k for k in state if k.endswith(".qweight")]:
+        prefix = key[: -len(".qweight")]
+        qweight, qzeros, scales = state.pop(key), state.pop(prefix + ".qzeros"), state.pop(prefix + ".scales")
+        unpacked = awq_unpack(qweight, qzeros, scales, 128) if method == "awq" else \
+            gptq_unpack(qweight, qzeros, scales, state.pop(prefix + ".g_idx"), bits, 128)
+        dense[prefix + ".weight"] = dequantize(*unpacked)
+    dense.update({k: v.float() for k, v in state.items()})
+    hf_state = {("model.language_model." + k[6:]) if k.startswith("model.") else
+                ("model." + k if k.startswith("visual.") else k): v for k, v in dense.items()}
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    return ours, hf, config, root
+
+
+def test_awq_checkpoint_layout(assets, tmp_path):
+    """`qwen2vl quantize` writes what the official Qwen2-VL AWQ checkpoints hold."""
+    from qwen2vl.quant.writer import quantize_checkpoint
+
+    _, src, _ = tiny_checkpoint("awq-tiny", tmp_path / "fp32", seed=4)
+    root = tmp_path
+    quantize_checkpoint(src, root / "awq")
+    ours = Qwen2VL.from_pretrained(root / "awq", progress=False)
+    written = json.loads((root / "awq" / "config.json").read_text())
+    official = json.loads((assets / "qwen2-vl-2b-instruct-awq" / "config.json").read_text())
+    assert written["quantization_config"] == official["quantization_config"]
+    assert written["torch_dtype"] == official["torch_dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(root / "awq" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (256, 128 // 8)  # (K, N/8)
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").dtype == torch.float16
+        assert f.get_tensor("visual.blocks.0.attn.qkv.weight").dtype == torch.float16
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    assert not any(k.startswith("visual.") and k.endswith("qweight") for k in keys)
+    assert ours.model.visual.blocks[0].attn.qkv.weight.dtype == torch.float16  # stored 16-bit, computed fp32
+
+
+CASES = {"text": [[("text", 24)]], "image": [[("text", 4), ("image", (1, 4, 6)), ("text", 5)]]}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_awq_model_matches_dense_transformers(awq_model, case):
+    """Against transformers holding the dequantized weights as dense fp32.
+
+    Logits: a prefill of more than 16 tokens dequantizes each layer's weights and computes in float32, so the
+    prompt's logits match to 1e-4, as dense parity does. Decode steps use the int4 kernel on bf16 activations
+    (2^-9 relative rounding in and out of every decoder linear; the kernel test bounds it per layer): the 16 greedy
+    tokens must agree; if they part at a step whose top-2 logits (transformers') lie within 3% of the logit scale,
+    the comparison stops there (tie-aware, as vLLM's check_logprobs_close)."""
+    ours, hf, config, _ = awq_model
+    inputs = build_inputs(CASES[case], config["vocab_size"], seed=8)
+    assert inputs["input_ids"].shape[1] > 16
+    ref = hf_logits(hf, inputs)
+    got = ours.logits({k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        out = hf.generate(**inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    ref_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    tokens = ours.generate({k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, max_new_tokens=16,
+                           temperature=0, min_new_tokens=16)[0]
+    for k, (a, b) in enumerate(zip(tokens, ref_tokens)):
+        if a != b:
+            top2 = out.logits[k][0].topk(2).values
+            assert (top2[0] - top2[1]).item() <= 0.03 * scale, f"greedy diverged at step {k} without a near tie"
+            break
+    agreed = next((k for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), 16)
+    print(f"{case}: greedy agreement {agreed}/16 steps")
+
+
+def test_int4pack_unpack_recovers_levels():
+    from qwen2vl.quant.linear import int4pack_layout, unpack_int4pack
+
+    assert int4pack_layout() is not None, "torch's int4 CPU packing has an unknown layout on this machine"
+    B = int4pack_layout()[0]
+    for N, K in [(B, 128), (4 * B, 256), (1536, 384)]:
+        q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        assert torch.equal(unpack_int4pack(packed, N, K), q.to(torch.uint8))
