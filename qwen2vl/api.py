@@ -13,9 +13,10 @@ from .datatypes import ModelInputs
 from .errors import CheckpointError
 from .generate import ChatResult, Generation, TextDelta, VisionCache, stream_text, usage
 from .inputs.messages import VIDEO_OPTIONS, as_batch
+from .memory import return_freed_memory
 from .model import Qwen2VLModel
 from .processor import Processor
-from .quant import QuantConfig, swap_quantized, swap_upcast
+from .quant import QuantConfig, UpcastLinear, swap_quantized, swap_upcast
 from .quant import prepare as prepare_quantized
 from .sampling import SamplingParams
 from .weights import load_weights, resolve_checkpoint, tensor_names
@@ -67,29 +68,34 @@ class Qwen2VL:
         ckpt = resolve_checkpoint(path_or_hub_id)
         cfg = Qwen2VLConfig.from_file(ckpt)
         device = torch.device(device)
+        if device.type == "cpu":
+            return_freed_memory()
         compute = resolve_dtype(dtype, device)
         with torch.device("meta"):  # nothing is allocated until the weights are loaded
             module = Qwen2VLModel(cfg).to(compute)
             if cfg.quantization:
-                # The checkpoint decides: its quantized linears are swapped in; on a CPU its 16-bit vision tower
-                # stays 16-bit in memory and is computed in float32 layer by layer.
+                # The checkpoint decides: its quantized linears are swapped in. On a CPU its 16-bit vision tower,
+                # embeddings and (tied) LM head stay 16-bit in memory and are computed in float32 as they are used.
                 swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute)
                 stored = _DTYPES.get(str(cfg.torch_dtype))
                 if device.type == "cpu" and compute == torch.float32 and stored in (torch.float16, torch.bfloat16):
                     swap_upcast(module.visual, stored, compute)
+                    swap_upcast(module.model, stored, compute)  # embed_tokens (decoder linears are quantized)
+                    module.lm_head = UpcastLinear(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
         tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
-        load_weights(module, ckpt, device=device, tied=tied, progress=progress)
-        prepare_quantized(module)
+        load_weights(module, ckpt, device=device, tied=tied, progress=progress,
+                     on_module_loaded=prepare_quantized)  # each quantized layer converts as soon as it is loaded
         processor = Processor.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
         return cls(module.eval(), processor, ckpt)
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        """The compute dtype."""
+        return self.model.dtype
 
     def logits(self, inputs: Any) -> torch.Tensor:
         """float32 logits (B, L, vocab) over the whole prompt.

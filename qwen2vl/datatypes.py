@@ -73,6 +73,24 @@ class ModelInputs:
             raise KeyError(name)
         return getattr(self, name)
 
+    @classmethod
+    def cat(cls, parts: list["ModelInputs"], pad_id: int) -> "ModelInputs":
+        """One left-padded batch from several (each possibly a batch itself), images and videos kept in order."""
+        L = max(p.input_ids.shape[1] for p in parts)
+        ids, masks = [], []
+        for p in parts:
+            mask = p.attention_mask if p.attention_mask is not None else torch.ones_like(p.input_ids)
+            pad = L - p.input_ids.shape[1]
+            ids.append(torch.nn.functional.pad(p.input_ids, (pad, 0), value=pad_id))
+            masks.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+        out = cls(torch.cat(ids), torch.cat(masks))
+        for px, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            have = [p for p in parts if getattr(p, grid) is not None]
+            if have:
+                setattr(out, px, torch.cat([getattr(p, px) for p in have]))
+                setattr(out, grid, torch.cat([getattr(p, grid) for p in have]))
+        return out
+
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
                               for f in fields(self)})

@@ -117,7 +117,7 @@ class Generation:
         if len(params) != inputs.input_ids.shape[0]:
             raise ValueError(f"{len(params)} sampling parameter sets for a batch of {inputs.input_ids.shape[0]}")
         self.model, self.params, self.vision_cache = model, params, vision_cache
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.inputs = inputs.to(self.device)
         if self.inputs.attention_mask is None:
             self.inputs.attention_mask = torch.ones_like(self.inputs.input_ids)
@@ -134,7 +134,7 @@ class Generation:
         B, L = x.input_ids.shape
         capacity = L + max(p.max_new_tokens for p in self.params)
         cache = KVCache(t.num_hidden_layers, B, t.num_key_value_heads, t.head_dim, capacity,
-                        m.lm_head.weight.dtype, self.device)
+                        m.dtype, self.device)
         prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(x.input_ids, x.attention_mask)]
         sampler = Sampler(self.params, prompt_ids, t.vocab_size, self.device)
         positions, deltas = m.positions(x)

@@ -26,6 +26,15 @@ class Qwen2VLModel(nn.Module):
         self.model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (weights may be stored otherwise: quantized or 16-bit; norms are always this)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """(N, 1176) patch rows of images or video slices -> (N/4, D) embeddings, in grid order."""
         return self.visual(pixel_values, grid_thw)
@@ -78,7 +87,7 @@ class Qwen2VLModel(nn.Module):
     @torch.inference_mode()
     def logits(self, x: ModelInputs) -> torch.Tensor:
         """float32 logits (B, L, vocab) for every position of the prompt."""
-        x = x.to(self.lm_head.weight.device)
+        x = x.to(self.device)
         if x.attention_mask is None:
             x.attention_mask = torch.ones_like(x.input_ids)
         positions, _ = self.positions(x)

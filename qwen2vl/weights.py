@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -97,11 +97,16 @@ def tensor_names(ckpt: Path) -> set[str]:
 
 
 def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
-                 tied: tuple[str, str] | None = None, progress: bool = False) -> None:
+                 tied: tuple[str, str] | None = None, progress: bool = False,
+                 on_module_loaded: Callable[[nn.Module], None] | None = None,
+                 chunk_bytes: int = 256 * 1024 * 1024) -> None:
     """Fill every parameter and buffer of `model` (built on the meta device) from the checkpoint, strictly.
 
     `tied = (alias, source)`: `alias` (e.g. lm_head.weight) may be absent from the file; it is tied to `source`.
     Each tensor is converted to the dtype of the parameter it fills (so swapped-in layers choose their storage).
+    Tensors are read in chunks of about `chunk_bytes`, each from a fresh mapping of the file, so the memory-mapped
+    pages do not all stay resident; `on_module_loaded(module)` runs as soon as a module's tensors are all in (a
+    quantized layer converts itself there, one layer at a time).
     """
     expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
     if tied:
@@ -124,29 +129,50 @@ def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
             parts.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
         raise CheckpointError(f"checkpoint {ckpt} does not match the model: " + "; ".join(parts))
 
-    state = {}
+    # A module is complete when all its direct tensors are loaded.
+    owner = {name: name.rpartition(".")[0] for name in expected}
+    left = {}
+    for name, mod in owner.items():
+        left[mod] = left.get(mod, 0) + 1
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (f, key) in found.items():
         by_file.setdefault(f, []).append((name, key))
     bar = _progress(len(found), "loading weights", progress)
     for f, names in by_file.items():
-        with safe_open(str(f), framework="pt") as handle:
-            for name, key in names:
-                want = expected[name]
-                shape = tuple(handle.get_slice(key).get_shape())
-                if shape != tuple(want.shape):
-                    raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(shape)}, "
-                                          f"the model expects {list(want.shape)}")
-                t = handle.get_tensor(key)
-                if t.is_floating_point() != want.is_floating_point():
-                    raise CheckpointError(f"tensor {name!r} in {f.name} is {t.dtype}, the model expects {want.dtype}")
-                t = t.to(device=device, dtype=want.dtype)
-                state[name] = t
-                bar.update(1)
+        names.sort(key=lambda nk: nk[0])  # a module's tensors together
+        start = 0
+        while start < len(names):
+            with safe_open(str(f), framework="pt") as handle:
+                state, size = {}, 0
+                while start < len(names) and size < chunk_bytes:
+                    name, key = names[start]
+                    state[name] = _read(handle, f, name, key, expected[name], device)
+                    size += state[name].numel() * state[name].element_size()
+                    start += 1
+            model.load_state_dict(state, strict=False, assign=True)
+            bar.update(len(state))
+            for name in state:
+                mod = owner[name]
+                left[mod] -= 1
+                if left[mod] == 0 and on_module_loaded is not None:
+                    on_module_loaded(model.get_submodule(mod) if mod else model)
     bar.close()
     if tied:
-        state[tied[0]] = state[tied[1]]  # the same storage under both names
-    model.load_state_dict(state, strict=True, assign=True)
+        model.get_submodule(tied[0].rpartition(".")[0]).weight = model.get_parameter(tied[1])
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"tensors not filled from {ckpt}: {_few(still_meta)}")
+
+
+def _read(handle, f: Path, name: str, key: str, want: torch.Tensor, device) -> torch.Tensor:
+    shape = tuple(handle.get_slice(key).get_shape())
+    if shape != tuple(want.shape):
+        raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(shape)}, "
+                              f"the model expects {list(want.shape)}")
+    t = handle.get_tensor(key)
+    if t.is_floating_point() != want.is_floating_point():
+        raise CheckpointError(f"tensor {name!r} in {f.name} is {t.dtype}, the model expects {want.dtype}")
+    return t.to(device=device, dtype=want.dtype)
 
 
 def _few(names: list[str], n: int = 8) -> str:

@@ -223,3 +223,23 @@ def test_int4pack_unpack_recovers_levels():
         q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         assert torch.equal(unpack_int4pack(packed, N, K), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [100, 20000, 40000])
+def test_upcast_linear_and_embedding_are_exact(rows):
+    """16-bit storage computed in float32 gives the float32 result on the same values (large matrices go a
+    block of rows at a time through one reused buffer)."""
+    from qwen2vl.quant import UpcastEmbedding, UpcastLinear
+
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(rows, 64, generator=g) * 0.1).half()
+    layer = UpcastLinear(64, rows, True, torch.float16)
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(rows, generator=g), requires_grad=False)
+    x = torch.randn(3, 5, 64, generator=g)
+    ref = torch.nn.functional.linear(x, w.float(), layer.bias)
+    assert torch.allclose(layer(x), ref, atol=1e-5, rtol=1e-5) and layer(x).dtype == torch.float32
+    emb = UpcastEmbedding(rows, 64, torch.float16)
+    emb.weight = torch.nn.Parameter(w, requires_grad=False)
+    ids = torch.randint(0, rows, (2, 7), generator=g)
+    assert torch.equal(emb(ids), w.float()[ids])

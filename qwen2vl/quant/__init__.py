@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .linear import QuantLinear, UpcastLinear
+from .linear import QuantLinear, UpcastEmbedding, UpcastLinear
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,22 @@ def swap_quantized(model: nn.Module, cfg: QuantConfig, tensor_names: set[str], d
 
 
 def swap_upcast(model: nn.Module, storage_dtype: torch.dtype, dtype: torch.dtype) -> None:
-    """Keep this part's linear weights in `storage_dtype`, computing (and keeping biases) in `dtype`."""
+    """Keep this part's linear and embedding weights in `storage_dtype`, computing (and keeping biases) in `dtype`."""
+    if isinstance(model, (nn.Linear, nn.Embedding)):
+        raise TypeError("pass the parent module")
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Embedding):
+            _replace(model, name, UpcastEmbedding(m.num_embeddings, m.embedding_dim, storage_dtype, dtype))
+        elif isinstance(m, nn.Linear):
             _replace(model, name, UpcastLinear(m.in_features, m.out_features, m.bias is not None, storage_dtype,
                                                dtype))
 
 
-def prepare(model: nn.Module) -> dict[str, int]:
-    """After loading: every QuantLinear picks its kernel. Returns how many chose which."""
-    kernels: dict[str, int] = {}
+def prepare(model: nn.Module) -> None:
+    """After loading: every QuantLinear in `model` (or `model` itself) picks its kernel and converts its weights."""
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and not m.prepared:
             m.prepare()
-            kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
-    return kernels
 
 
-__all__ = ["QuantConfig", "QuantLinear", "UpcastLinear", "swap_quantized", "swap_upcast", "prepare"]
+__all__ = ["QuantConfig", "QuantLinear", "UpcastLinear", "UpcastEmbedding", "swap_quantized", "swap_upcast", "prepare"]

@@ -15,7 +15,10 @@ from .formats import awq_unpack, dequantize, gptq_unpack
 
 class UpcastLinear(nn.Module):
     """A linear layer stored in a 16-bit dtype and computed in the input's dtype (e.g. an fp16 vision tower run in
-    fp32 on a CPU: half the memory, the same numbers as fp32 weights holding the fp16 values)."""
+    fp32 on a CPU: half the memory, the same numbers as fp32 weights holding the fp16 values). Large matrices (an LM
+    head) are upcast a block of output rows at a time."""
+
+    CHUNK_ROWS = 8192
 
     def __init__(self, in_features: int, out_features: int, bias: bool, storage_dtype: torch.dtype,
                  dtype: torch.dtype = torch.float32):
@@ -24,7 +27,32 @@ class UpcastLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        w = self.weight
+        if w.dtype == x.dtype or w.shape[0] <= 2 * self.CHUNK_ROWS:
+            return F.linear(x, w.to(x.dtype), self.bias)
+        # One reused buffer for the upcast blocks: no allocation per call (an LM head runs every decode step).
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.dtype != x.dtype:
+            buf = self._buf = torch.empty(self.CHUNK_ROWS, w.shape[1], dtype=x.dtype, device=w.device)
+        y = x.new_empty(*x.shape[:-1], w.shape[0])
+        for r0 in range(0, w.shape[0], self.CHUNK_ROWS):
+            part = w[r0:r0 + self.CHUNK_ROWS]
+            block = buf[:part.shape[0]]
+            block.copy_(part)
+            torch.matmul(x, block.t(), out=y[..., r0:r0 + part.shape[0]])
+        return y + self.bias if self.bias is not None else y
+
+
+class UpcastEmbedding(nn.Module):
+    """An embedding table stored in a 16-bit dtype; the looked-up rows come out in `dtype`."""
+
+    def __init__(self, num: int, dim: int, storage_dtype: torch.dtype, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim, dtype=storage_dtype), requires_grad=False)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -47,6 +75,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(G, N))  # float32 whatever the file holds (fp16 in AWQ)
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype), requires_grad=False) if bias else None
         self.kernel = "reference"
+        self.prepared = False
 
     def unpacked(self):
         """q (N, K) uint8, scales (G, N), zeros (G, N), g_idx (K,)."""
@@ -60,6 +89,7 @@ class QuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """Pick the kernel once, after loading, and convert the weights for it."""
+        self.prepared = True
         q, scales, zeros, g_idx = self.unpacked()
         if int4_cpu_supported(self.qweight.device, self.bits, self.in_features, self.out_features, self.group_size):
             perm = torch.argsort(g_idx, stable=True)
@@ -93,9 +123,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:  # act-order: input features in group order
             x2 = x2[:, self.perm]
-        if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: dequantize once, exact float32 GEMM
-            q = unpack_int4pack(self.packed, self.out_features, self.in_features)
-            y = F.linear(x2, dequantize_grouped(q, self.scales, self.zeros, self.group_size).to(x.dtype))
+        if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: exact float32, dequantizing a block of rows at a time
+            y = self._exact(x2)
         else:  # decode: int4 kernel on bf16 activations
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
                                                            self.scale_zero).to(x.dtype)
@@ -103,7 +132,21 @@ class QuantLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
+        B = int4pack_layout()[0]
+        N, K = self.out_features, self.in_features
+        rows = max(B, (DEQUANT_BLOCK // K) // B * B)  # output features per block, whole packing blocks
+        out = []
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            q = unpack_int4pack(self.packed[n0:n1], n1 - n0, K)  # the packing keeps each block's bytes together
+            w = dequantize_grouped(q, self.scales[:, n0:n1], self.zeros[:, n0:n1], self.group_size)
+            out.append(F.linear(x, w.to(x.dtype)))
+        return torch.cat(out, dim=-1)
+
+
 DECODE_ROWS = 16  # inputs with at most this many rows use the int4 kernel (cpu-notes: it wins at M=1, not M>=64)
+DEQUANT_BLOCK = 1 << 22  # weights dequantized at a time on the exact path (16 MB of float32)
 
 
 def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,0 +1,250 @@
+"""An OpenAI-compatible server: POST /v1/chat/completions (streaming with SSE), GET /v1/models, GET /health.
+
+Safe by default: media may only come inline (data URIs) unless the operator allows remote URLs (public addresses
+only, checked on every redirect) or a local directory. Requests are capped in size, images, pixels, video frames
+and tokens; every bad request gets an OpenAI-style error and no other request is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import InputError, Qwen2VLError
+from ..generate import TextDelta, Usage, usage
+from ..inputs.fetch import MediaPolicy
+from .scheduler import Job, Scheduler
+from .schema import ChatCompletionRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_images: int = 8  # per request
+    max_videos: int = 2
+    max_pixels: int = 1280 * 28 * 28  # per image after resizing (1280 visual tokens)
+    max_video_frames: int = 64
+    max_tokens: int = 4096  # new tokens per request
+    max_batch: int = 16
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": None}})
+
+
+def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, limits: Limits | None = None) -> FastAPI:
+    """`model` is a loaded qwen2vl.Qwen2VL. The app owns one Scheduler thread."""
+    policy = policy or MediaPolicy.deny_all_but_data()
+    limits = limits or Limits()
+    processor = model.processor
+    processor.policy = policy
+    scheduler = Scheduler(model, max_batch=limits.max_batch)
+    app = FastAPI(title="qwen2vl", version="0.1.0")
+    app.state.scheduler = scheduler
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{first.get('msg', 'invalid request')}" + (f" (at {where})" if where else "")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        return error(400, message, param=where or None)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "qwen2vl"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        try:
+            conversation, options = to_conversation(body, limits)
+            params = model.sampling(**sampling_args(body, limits))
+            inputs = await run_in_threadpool(processor, conversation, **options)  # decoding off the event loop
+        except InputError as e:
+            return error(400, str(e))
+        except (ValueError, TypeError) as e:
+            return error(400, str(e))
+        job = Job(inputs, params, asyncio.get_running_loop())
+        scheduler.submit(job)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(job, rid, created, model_name, include_usage, inputs, model.config),
+                                     media_type="text/event-stream")
+        deltas: list[TextDelta] = []
+        while (item := await job.events.get()) is not None:
+            if isinstance(item, Exception):
+                return error(500, f"generation failed: {item}", "server_error")
+            deltas.append(item)
+        text = "".join(d.text for d in deltas)
+        u = usage(inputs, 0, len(deltas), model.config.image_token_id, model.config.video_token_id)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": deltas[-1].finish_reason if deltas else "length",
+                  "logprobs": logprobs_block(deltas, processor.tokenizer) if body.logprobs else None}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [choice], "usage": usage_block(u)}
+
+    return app
+
+
+async def sse(job: Job, rid: str, created: int, model_name: str, include_usage: bool, inputs, config):
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    n = 0
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (item := await job.events.get()) is not None:
+            if isinstance(item, Exception):
+                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                return
+            n += 1
+            if item.text or item.finish_reason:
+                yield chunk({"content": item.text} if item.text else {}, item.finish_reason)
+        if include_usage:
+            u = usage(inputs, 0, n, config.image_token_id, config.video_token_id)
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [], "usage": usage_block(u)}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # a client that left stops its generation at the next step
+
+
+def to_conversation(body: ChatCompletionRequest, limits: Limits) -> tuple[list[dict], dict[str, Any]]:
+    """OpenAI messages -> the qwen-vl-utils format, with the server's caps applied."""
+    conversation, images, videos = [], 0, 0
+    for i, m in enumerate(body.messages):
+        if m.content is None or isinstance(m.content, str):
+            conversation.append({"role": m.role, "content": m.content or ""})
+            continue
+        parts = []
+        for j, p in enumerate(m.content):
+            extra = {k: v for k, v in (p.model_extra or {}).items()}
+            if p.type == "text":
+                parts.append({"type": "text", "text": p.text or ""})
+            elif p.type in ("image_url", "image"):
+                url = p.image_url.url if hasattr(p.image_url, "url") else (p.image_url or p.image)
+                if not url:
+                    raise InputError(f"message {i}, part {j}: an image part needs a url")
+                images += 1
+                parts.append({"type": "image", "image": url, **_capped_image(extra, limits)})
+            else:
+                url = p.video_url.url if hasattr(p.video_url, "url") else (p.video_url or p.video)
+                if not url:
+                    raise InputError(f"message {i}, part {j}: a video part needs a url")
+                videos += 1
+                parts.append({"type": "video", "video": url, **_capped_video(extra, limits)})
+        conversation.append({"role": m.role, "content": parts})
+    if images > limits.max_images:
+        raise InputError(f"{images} images in one request; this server accepts at most {limits.max_images}")
+    if videos > limits.max_videos:
+        raise InputError(f"{videos} videos in one request; this server accepts at most {limits.max_videos}")
+    options = {k: v for k, v in (("min_pixels", body.min_pixels), ("max_pixels", body.max_pixels)) if v is not None}
+    if "max_pixels" in options:
+        options["max_pixels"] = min(options["max_pixels"], limits.max_pixels)
+    else:
+        options["max_pixels"] = limits.max_pixels
+    return conversation, options
+
+
+def _capped_image(extra: dict, limits: Limits) -> dict:
+    out = {k: int(extra[k]) for k in ("min_pixels", "max_pixels") if k in extra}
+    out["max_pixels"] = min(out.get("max_pixels", limits.max_pixels), limits.max_pixels)
+    return out
+
+
+def _capped_video(extra: dict, limits: Limits) -> dict:
+    out = {k: extra[k] for k in ("fps", "nframes", "min_pixels", "max_pixels", "video_start", "video_end")
+           if k in extra}
+    if int(out.get("nframes", 0)) > limits.max_video_frames:
+        raise InputError(f"nframes {out['nframes']} exceeds this server's limit of {limits.max_video_frames}")
+    out["max_frames"] = limits.max_video_frames
+    return out
+
+
+def sampling_args(body: ChatCompletionRequest, limits: Limits) -> dict[str, Any]:
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(512, limits.max_tokens)
+    if max_tokens > limits.max_tokens:
+        raise InputError(f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}")
+    args = {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+            "min_p": body.min_p, "presence_penalty": body.presence_penalty, "seed": body.seed,
+            "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+            "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+            "logprobs": body.logprobs or None, "top_logprobs": body.top_logprobs}
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def usage_block(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "image_tokens": u.image_tokens, "video_tokens": u.video_tokens}
+
+
+def logprobs_block(deltas: list[TextDelta], tokenizer) -> dict:
+    def entry(token: int, lp: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(d.token, d.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in (d.top_logprobs or [])]} for d in deltas]}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with a 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and int(length) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": {"message": f"request body over {self.limit} bytes", "type":
+                                     "invalid_request_error", "param": None, "code": None}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["create_app", "Limits", "Qwen2VLError"]
