@@ -137,13 +137,14 @@ class Qwen2VL:
         Keywords are sampling parameters (see `generate`) or processor options (min_pixels, max_pixels, fps, ...).
         """
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_OPTIONS}
+        progress = kwargs.pop("progress", False)  # video decoding progress bars
         params = self.sampling(sampling, **kwargs)
         single = isinstance(conversation_or_batch, (list, tuple)) and bool(conversation_or_batch) \
             and isinstance(conversation_or_batch[0], dict)
         batch = as_batch(conversation_or_batch)
         if stream and len(batch) != 1:
             raise ValueError("stream=True takes one conversation")
-        inputs = self.processor(batch, **options)
+        inputs = self.processor(batch, progress=progress, **options)
         generation = Generation(self.model, inputs, [params] * len(batch), self.vision_cache)
         deltas = stream_text(generation, self.processor.tokenizer)
         if stream:

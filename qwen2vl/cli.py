@@ -1,14 +1,56 @@
-"""The `qwen2vl` command line: run | chat | serve | bench | quantize."""
+"""The `qwen2vl` command line: run | chat | serve | quantize.
+
+    qwen2vl run --image photo.jpg "What is in this picture?"
+    qwen2vl chat
+    qwen2vl serve --port 8000
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
+import time
+from typing import Any
+
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct-AWQ"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL inference")
+    parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL inference: ask about images and videos")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer one prompt, streaming the answer to stdout")
+    _model_args(run)
+    _media_args(run)
+    _sampling_args(run)
+    run.add_argument("--system", help="a system prompt")
+    run.add_argument("--json", action="store_true", help="print one JSON object (text, usage, timings) at the end")
+    run.add_argument("prompt", help="the question")
+
+    chat = sub.add_parser("chat", help="an interactive conversation (/image PATH, /video PATH, /clear, /quit)")
+    _model_args(chat)
+    _media_args(chat)
+    _sampling_args(chat)
+    chat.add_argument("--system", help="a system prompt")
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model id clients use (default: --model)")
+    serve.add_argument("--allow-remote-media", action="store_true",
+                       help="let requests fetch http(s) media (public addresses only, checked on every redirect)")
+    serve.add_argument("--allowed-domains", nargs="+", help="with --allow-remote-media: only these hosts")
+    serve.add_argument("--allowed-local-media-path", help="let requests read files under this directory")
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    serve.add_argument("--max-images", type=int, default=8, help="per request")
+    serve.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="per image, after resizing")
+    serve.add_argument("--max-image-pixels", type=int, default=100_000_000, help="refuse larger files undecoded")
+    serve.add_argument("--max-video-frames", type=int, default=64)
+    serve.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
 
     q = sub.add_parser("quantize", help="write an AWQ (or GPTQ) checkpoint from a BF16/FP16/FP32 one")
     q.add_argument("src", help="source checkpoint directory")
@@ -18,12 +60,223 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--group-size", type=int, default=128)
 
     args = parser.parse_args(argv)
-    if args.command == "quantize":
-        from .quant.writer import quantize_checkpoint
+    try:
+        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "quantize": cmd_quantize}[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the user gets one clear line, not a traceback
+        from .errors import Qwen2VLError
 
-        out = quantize_checkpoint(args.src, args.dst, method=args.method, bits=args.bits,
-                                  group_size=args.group_size, progress=True)
-        print(f"wrote {out}")
+        if isinstance(e, (Qwen2VLError, ValueError, TypeError)):
+            print(f"qwen2vl: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="float32 (CPU default), bfloat16, float16")
+
+
+def _media_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
+    p.add_argument("--min-pixels", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
+    p.add_argument("--nframes", type=int, help="video frames to sample (instead of --fps)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="0 = greedy (the checkpoint's default is in effect greedy)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict[str, Any]:
+    kw = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+          "top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+          "seed": args.seed, "stop": args.stop}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _options(args) -> dict[str, Any]:
+    kw = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "fps": args.fps, "nframes": args.nframes}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _load(args):
+    from .api import Qwen2VL
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    t0 = time.time()
+    model = Qwen2VL.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=True)
+    return model, time.time() - t0
+
+
+@contextlib.contextmanager
+def vision_progress(model):
+    """A progress bar over the vision encoder's blocks while it runs (it takes seconds per image on a CPU)."""
+    from tqdm.auto import tqdm
+
+    visual = model.model.visual
+    state: dict[str, Any] = {}
+
+    def start(module, args):
+        n = int(args[1].prod(-1).sum()) // 4
+        state["bar"] = tqdm(total=len(visual.blocks), desc=f"encoding {n} visual tokens", unit="layer", leave=False,
+                            file=sys.stderr)
+
+    def step(module, args, out):
+        if "bar" in state:
+            state["bar"].update(1)
+
+    def end(module, args, out):
+        state.pop("bar").close()
+
+    hooks = [visual.register_forward_pre_hook(start), visual.register_forward_hook(end)]
+    hooks += [b.register_forward_hook(step) for b in visual.blocks]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
+    content = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}] if content else text}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_run(args) -> int:
+    model, load_s = _load(args)
+    conversation = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [_user_message(args.prompt, args.image, args.video)]
+    t0 = time.time()
+    first = None
+    with vision_progress(model):
+        stream = model.chat(conversation, stream=True, progress=True, **_sampling(args), **_options(args))
+        for delta in stream:
+            first = first or time.time() - t0
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    total = time.time() - t0
+    r = stream.result
+    if args.json:
+        decode_s = total - (first or total)
+        print(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "usage": {
+            "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+            "image_tokens": r.usage.image_tokens, "video_tokens": r.usage.video_tokens},
+            "timings": {"load_s": round(load_s, 3), "first_token_s": round(first or total, 3),
+                        "total_s": round(total, 3),
+                        "decode_tokens_per_s": round((r.usage.completion_tokens - 1) / decode_s, 2)
+                        if decode_s > 0 and r.usage.completion_tokens > 1 else None}}, ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+CHAT_HELP = "commands: /image PATH, /video PATH (attach to your next message), /clear (forget), /quit"
+
+
+def cmd_chat(args) -> int:
+    model, _ = _load(args)
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(base)
+    images, videos = list(args.image), list(args.video)
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/clear":
+                history, images, videos = list(base), [], []
+                print("(conversation cleared)", file=sys.stderr)
+            elif cmd in ("/image", "/video") and rest.strip():
+                (images if cmd == "/image" else videos).append(rest.strip())
+                print(f"({cmd[1:]} attached to your next message)", file=sys.stderr)
+            else:
+                print(CHAT_HELP, file=sys.stderr)
+            continue
+        message = _user_message(line, images, videos)
+        answer = []
+        try:
+            with vision_progress(model):
+                for delta in model.chat(history + [message], stream=True, progress=True, **_sampling(args),
+                                        **_options(args)):
+                    answer.append(delta)
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except Exception as e:  # noqa: BLE001 - a bad attachment must not end the session
+            from .errors import Qwen2VLError
+
+            if not isinstance(e, (Qwen2VLError, ValueError)):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            images, videos = [], []
+            continue
+        print()
+        history += [message, {"role": "assistant", "content": "".join(answer)}]  # images stay cached by content
+        images, videos = [], []
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from .inputs.fetch import MediaPolicy
+    from .server.app import Limits, create_app
+
+    model, _ = _load(args)
+    policy = MediaPolicy(
+        allow_local=args.allowed_local_media_path is not None,
+        local_roots=(Path(args.allowed_local_media_path),) if args.allowed_local_media_path else None,
+        allow_remote=args.allow_remote_media, block_private_addresses=True,
+        allowed_domains=tuple(args.allowed_domains) if args.allowed_domains else None,
+        max_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels,
+                    max_video_frames=args.max_video_frames, max_tokens=args.max_tokens, max_batch=args.max_batch)
+    app = create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quant.writer import quantize_checkpoint
+
+    out = quantize_checkpoint(args.src, args.dst, method=args.method, bits=args.bits, group_size=args.group_size,
+                              progress=True)
+    print(f"wrote {out}")
     return 0
 
 

@@ -117,13 +117,18 @@ class Sampler:
         self.params = [self.params[i] for i in idx]
         self.generators = [self.generators[i] for i in idx]
 
+    @property
+    def penalized(self) -> bool:
+        return any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in self.params)
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, V) -> processed logits (penalties, temperature, filters); -inf where excluded."""
         x = logits.float().clone()
-        # transformers' repetition penalty: divide positive logits, multiply negative ones
-        penalized = torch.where(x > 0, x / self.repetition, x * self.repetition)
-        x = torch.where(self.seen, penalized, x)
-        x = x - self.presence * (self.counts > 0) - self.frequency * self.counts
+        if self.penalized:  # (B, V) work only when some row asks for it
+            # transformers' repetition penalty: divide positive logits, multiply negative ones
+            penalized = torch.where(x > 0, x / self.repetition, x * self.repetition)
+            x = torch.where(self.seen, penalized, x)
+            x = x - self.presence * (self.counts > 0) - self.frequency * self.counts
         for b, p in enumerate(self.params):
             if p.stop_token_ids and self.steps < p.min_new_tokens:
                 x[b, [t for t in p.stop_token_ids if t < x.shape[1]]] = float("-inf")
@@ -145,9 +150,10 @@ class Sampler:
         return tokens
 
     def record(self, tokens: torch.Tensor) -> None:
-        rows = torch.arange(len(tokens), device=tokens.device)
-        self.seen[rows, tokens] = True
-        self.counts[rows, tokens] += 1
+        if self.penalized:
+            rows = torch.arange(len(tokens), device=tokens.device)
+            self.seen[rows, tokens] = True
+            self.counts[rows, tokens] += 1
         self.steps += 1
 
 

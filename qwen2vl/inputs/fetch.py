@@ -30,6 +30,7 @@ class MediaPolicy:
     allow_remote: bool = True  # http:// and https:// URLs
     allowed_domains: tuple[str, ...] | None = None  # if set, remote hosts must be one of these (or a subdomain)
     block_private_addresses: bool = False  # refuse hosts resolving to loopback/private/link-local, on every redirect
+    trusted_hosts: tuple[str, ...] = ()  # exempt from that check (e.g. an internal media store)
     allow_data_uri: bool = True  # data:...;base64, URIs and raw base64 strings
     max_bytes: int = 512 * 1024 * 1024  # per fetched file
     timeout: float = 30.0  # seconds, per remote request
@@ -113,7 +114,7 @@ def check_remote(url: str, policy: MediaPolicy) -> None:
     if policy.allowed_domains is not None and not any(host == d or host.endswith("." + d)
                                                       for d in policy.allowed_domains):
         raise InputError(f"host {host!r} is not in the allowed domains")
-    if policy.block_private_addresses:
+    if policy.block_private_addresses and host not in policy.trusted_hosts:
         try:
             infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
         except socket.gaierror as e:

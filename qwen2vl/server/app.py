@@ -8,6 +8,7 @@ and tokens; every bad request gets an OpenAI-style error and no other request is
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
@@ -46,7 +47,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     """`model` is a loaded qwen2vl.Qwen2VL. The app owns one Scheduler thread."""
     policy = policy or MediaPolicy.deny_all_but_data()
     limits = limits or Limits()
-    processor = model.processor
+    processor = copy.copy(model.processor)  # this app's media policy, not the model's
     processor.policy = policy
     scheduler = Scheduler(model, max_batch=limits.max_batch)
     app = FastAPI(title="qwen2vl", version="0.1.0")

@@ -1,0 +1,290 @@
+"""The OpenAI-compatible server, end to end on 127.0.0.1 with the official `openai` client: answers equal
+model.chat, streaming, media safety, caps and bad requests (OpenAI-style errors, the server keeps serving), and a
+bounded load test showing that concurrent requests share decode steps."""
+
+import base64
+import http.server
+import io
+import json
+import os
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from qwen2vl import MediaPolicy, Qwen2VL
+from tests.oracle import tiny_checkpoint
+
+CAP = 1280 * 28 * 28  # the server's default max_pixels per image
+
+
+@pytest.fixture(scope="module")
+def model(assets, tmp_path_factory):
+    _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("server-model"), seed=21,
+                                 real_vocab_from=assets / "qwen2-vl-2b-instruct")
+    return Qwen2VL.from_pretrained(path, progress=False)
+
+
+class Server:
+    """A real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def post(self, body: bytes, headers=None) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def make_server(model, **kw):
+    from qwen2vl.server.app import create_app
+
+    return Server(create_app(model, model_name="tiny", **kw))
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = make_server(model)
+    yield s
+    s.close()
+
+
+def data_uri(path_or_image, fmt="PNG") -> str:
+    image = Image.open(path_or_image) if not isinstance(path_or_image, Image.Image) else path_or_image
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def image_message(url, text="What is in this image?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def expected(model, url, text="What is in this image?", max_tokens=12):
+    conv = [{"role": "user", "content": [{"type": "image", "image": url}, {"type": "text", "text": text}]}]
+    return model.chat(conv, max_new_tokens=max_tokens, temperature=0, max_pixels=CAP)
+
+
+def test_chat_completion_equals_model_chat(server, model, assets):
+    url = data_uri(assets / "images" / "cat.png")
+    r = server.client().chat.completions.create(model="tiny", messages=image_message(url), max_tokens=12,
+                                                temperature=0)
+    want = expected(model, url)
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.usage.prompt_tokens and r.usage.completion_tokens == 12
+    assert r.usage.model_extra["image_tokens"] == want.usage.image_tokens > 0
+
+
+def test_streaming_equals_model_chat(server, model, assets):
+    url = data_uri(assets / "images" / "chart-pew.png")
+    stream = server.client().chat.completions.create(model="tiny", messages=image_message(url, "Read it."),
+                                                     max_tokens=12, temperature=0, stream=True,
+                                                     stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    want = expected(model, url, "Read it.")
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client().models.list()] == ["tiny"]
+    with urllib.request.urlopen(server.url + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safety
+
+
+def _refused(server, url, *fragments):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as e:
+        server.client().chat.completions.create(model="tiny", messages=image_message(url), max_tokens=2)
+    body = e.value.body
+    message = body["message"] if "message" in body else body["error"]["message"]
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_local_files_refused_by_default(server, assets):
+    path = str(assets / "images" / "cat.png")
+    _refused(server, path, "local files are not allowed")
+    _refused(server, "file://" + path, "local files are not allowed")
+
+
+def test_allowed_local_media_path(model, assets, tmp_path):
+    inside = tmp_path / "media"
+    inside.mkdir()
+    (inside / "cat.png").write_bytes((assets / "images" / "cat.png").read_bytes())
+    (tmp_path / "secret.png").write_bytes((assets / "images" / "cat.png").read_bytes())
+    os.symlink(tmp_path / "secret.png", inside / "link.png")
+    s = make_server(model, policy=MediaPolicy(allow_local=True, local_roots=(inside,), allow_remote=False))
+    try:
+        r = s.client().chat.completions.create(model="tiny", messages=image_message(str(inside / "cat.png")),
+                                               max_tokens=2)
+        assert r.choices[0].message.content is not None
+        _refused(s, str(inside / ".." / "secret.png"), "outside the allowed media directories")
+        _refused(s, str(inside / "link.png"), "outside the allowed media directories")
+        _refused(s, "file://" + str(tmp_path / "secret.png"), "outside the allowed media directories")
+    finally:
+        s.close()
+
+
+class _Media(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self):
+        if self.path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif self.path == "/to-localhost":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cat.png")
+            self.end_headers()
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def media_host(assets):
+    _Media.body = (assets / "images" / "cat.png").read_bytes()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Media)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+def test_remote_media_blocks_private_addresses(model, media_host):
+    """Remote fetching on: loopback, private and link-local targets are refused before any connection, and so is
+    a redirect to them from an allowed host (here a trusted loopback host, so no other network is involved)."""
+    s = make_server(model, policy=MediaPolicy(allow_local=False, allow_remote=True, block_private_addresses=True))
+    t = make_server(model, policy=MediaPolicy(allow_local=False, allow_remote=True, block_private_addresses=True,
+                                              trusted_hosts=("127.0.0.1",)))
+    try:
+        _refused(s, f"http://127.0.0.1:{media_host}/cat.png", "non-public address (127.0.0.1)")
+        _refused(s, f"http://localhost:{media_host}/cat.png", "non-public address")
+        _refused(s, "http://10.1.2.3/cat.png", "non-public address (10.1.2.3)")
+        _refused(s, "http://169.254.169.254/latest/meta-data/", "non-public address (169.254.169.254)")
+        ok = t.client().chat.completions.create(
+            model="tiny", messages=image_message(f"http://127.0.0.1:{media_host}/cat.png"), max_tokens=2)
+        assert ok.choices[0].message.content is not None  # the trusted host itself works
+        _refused(t, f"http://127.0.0.1:{media_host}/to-metadata", "non-public address (169.254.169.254)")
+        _refused(t, f"http://127.0.0.1:{media_host}/to-localhost", "'localhost' resolves to a non-public address")
+    finally:
+        s.close()
+        t.close()
+
+
+def test_remote_media_refused_by_default(server, media_host):
+    _refused(server, f"http://127.0.0.1:{media_host}/cat.png", "remote URLs are not allowed")
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(model, assets):
+    from qwen2vl.server.app import Limits
+
+    s = make_server(model, limits=Limits(max_body_bytes=200_000, max_images=2))
+    try:
+        small = data_uri(Image.open(assets / "images" / "cat.png").resize((56, 56)))
+        cases = {
+            "oversized body": (json.dumps({"messages": [{"role": "user", "content": "x" * 300_000}]}).encode(), 413),
+            "malformed JSON": (b'{"messages": [', 400),
+            "too many images": (json.dumps({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": small}}] * 3}]}).encode(), 400),
+            "truncated image": (json.dumps({"messages": image_message(
+                data_uri(assets / "images" / "receipt.jpg", "JPEG")[:3000])}).encode(), 400),
+            "no messages": (json.dumps({"messages": []}).encode(), 400),
+            "bad temperature": (json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                            "temperature": 9}).encode(), 400),
+            "unknown part": (json.dumps({"messages": [{"role": "user", "content": [
+                {"type": "audio", "audio": "x"}]}]}).encode(), 400),
+        }
+        for name, (body, status) in cases.items():
+            code, reply = s.post(body)
+            assert code == status, (name, code, reply)
+            assert set(reply["error"]) >= {"message", "type"} and reply["error"]["message"], name
+        code, reply = s.post(json.dumps({"messages": [{"role": "user", "content": "still there?"}],
+                                         "max_tokens": 3}).encode())
+        assert code == 200 and reply["choices"][0]["message"]["content"] is not None
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load
+
+
+def test_sixteen_concurrent_streams_share_decode_steps(model):
+    """16 clients streaming at once all get the answer they would get alone, and together finish clearly faster
+    than the same 16 requests one after another (bounded: 16 requests, 48 tokens each, loopback only)."""
+    s = make_server(model)
+    prompts = [f"Count to {i}, slowly, then say why number {i} matters." for i in range(16)]
+    want = [model.chat([{"role": "user", "content": p}], max_new_tokens=48, temperature=0).text for p in prompts]
+
+    def ask(i, out):
+        stream = s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
+                                                    max_tokens=48, temperature=0, stream=True)
+        out[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    try:
+        sequential = [None] * 16
+        t0 = time.time()
+        for i in range(16):
+            ask(i, sequential)
+        t_seq = time.time() - t0
+        batches_before = s.server.config.app.state.scheduler.batches
+        concurrent = [None] * 16
+        threads = [threading.Thread(target=ask, args=(i, concurrent)) for i in range(16)]
+        t0 = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        t_con = time.time() - t0
+        batches = s.server.config.app.state.scheduler.batches - batches_before
+        assert sequential == want and concurrent == want
+        print(f"16 streams: sequential {t_seq:.2f} s, concurrent {t_con:.2f} s in {batches} batch(es)")
+        assert t_con < 0.5 * t_seq and batches < 16
+    finally:
+        s.close()
