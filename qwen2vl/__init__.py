@@ -4,6 +4,7 @@ from .api import Qwen2VL
 from .config import Qwen2VLConfig, TextConfig, VisionConfig
 from .datatypes import ModelInputs
 from .errors import CheckpointError, ConfigError, InputError, Qwen2VLError
+from . import grounding
 from .inputs.fetch import MediaPolicy
 from .generate import ChatResult, Usage
 from .processor import Processor

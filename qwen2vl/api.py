@@ -11,6 +11,7 @@ import torch
 from .config import Qwen2VLConfig
 from .datatypes import ModelInputs
 from .errors import CheckpointError
+from . import grounding
 from .generate import ChatResult, Generation, TextDelta, VisionCache, stream_text, usage
 from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .memory import return_freed_memory
@@ -153,6 +154,17 @@ class Qwen2VL:
         return results[0] if single else results
 
 
+    def ground(self, image: Any, phrase: str, **kwargs: Any) -> list[grounding.Box]:
+        """Boxes (original image pixels) of what `phrase` refers to in `image`, asked the way Qwen2-VL's grounding
+        data asks (Find <|object_ref_start|>phrase<|object_ref_end|>). Keywords as for `chat`."""
+        conversation = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": grounding.prompt(phrase)}]}]
+        boxes = self.chat(conversation, **kwargs).boxes
+        for b in boxes:
+            b.label = b.label or phrase
+        return boxes
+
+
 class ChatStream:
     """Text deltas of one answer as they are generated; `.result` (a ChatResult) once exhausted."""
 
@@ -180,8 +192,10 @@ def _collect(deltas: Iterator[TextDelta], inputs: ModelInputs, config: Qwen2VLCo
 
 def _result(parts: list[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig, params: SamplingParams,
             row: int) -> ChatResult:
+    text = "".join(d.text for d in parts)
     return ChatResult(
-        text="".join(d.text for d in parts), token_ids=[d.token for d in parts],
+        text=text, token_ids=[d.token for d in parts],
+        boxes=grounding.parse(text, inputs.image_sizes[row] if inputs.image_sizes else None),
         finish_reason=parts[-1].finish_reason or "length",
         usage=usage(inputs, row, len(parts), config.image_token_id, config.video_token_id),
         logprobs=[d.logprob for d in parts] if params.logprobs else None,

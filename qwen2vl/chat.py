@@ -10,6 +10,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import CheckpointError
 
+GROUNDING_TOKENS = {"<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                    "<|quad_end|>"}
+
 
 class Tokenizer:
     """Byte-level BPE from tokenizer.json; special tokens and padding from tokenizer_config.json."""
@@ -20,6 +23,9 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token")) or "<|im_end|>"
         self.pad_id = self.token_id(self.pad_token)
         self.eos_id = self.token_id(self.eos_token)
+        # Text shown to users drops control tokens but keeps the grounding markup (boxes are part of the answer).
+        self.hidden_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items()
+                           if t.special and t.content not in GROUNDING_TOKENS}
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":
@@ -43,7 +49,11 @@ class Tokenizer:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        """With skip_special_tokens, control tokens (<|im_end|>, vision placeholders, ...) are dropped but the
+        grounding tokens (<|object_ref_start|>, <|box_start|>, ...) stay, so boxes survive into the text."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.hidden_ids]
+        return self.tk.decode(ids, skip_special_tokens=False)
 
 
 def _token_text(tok: Any) -> str | None:

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(run)
     run.add_argument("--system", help="a system prompt")
     run.add_argument("--json", action="store_true", help="print one JSON object (text, usage, timings) at the end")
+    run.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes onto the image")
     run.add_argument("prompt", help="the question")
 
     chat = sub.add_parser("chat", help="an interactive conversation (/image PATH, /video PATH, /clear, /quit)")
@@ -162,6 +163,26 @@ def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
 # Commands
 
 
+def draw_boxes(boxes, images: list[str], out: str) -> list[str]:
+    """Draw each image's boxes; OUT.png for one image, OUT-1.png, OUT-2.png, ... for several."""
+    from pathlib import Path
+
+    from .grounding import draw
+    from .inputs.fetch import MediaPolicy
+    from .inputs.image import load_image
+
+    if not images:
+        print("qwen2vl: --draw-boxes needs an --image", file=sys.stderr)
+        return []
+    written = []
+    for i, source in enumerate(images):
+        path = Path(out) if len(images) == 1 else Path(out).with_stem(f"{Path(out).stem}-{i + 1}")
+        draw(load_image(source, MediaPolicy()), boxes, image_index=i).save(path)
+        written.append(str(path))
+    print(f"{len(boxes)} box(es) drawn to {', '.join(written)}", file=sys.stderr)
+    return written
+
+
 def cmd_run(args) -> int:
     model, load_s = _load(args)
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -177,6 +198,8 @@ def cmd_run(args) -> int:
                 sys.stdout.flush()
     total = time.time() - t0
     r = stream.result
+    if args.draw_boxes:
+        draw_boxes(r.boxes, args.image, args.draw_boxes)
     if args.json:
         decode_s = total - (first or total)
         print(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "usage": {

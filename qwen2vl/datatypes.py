@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +24,10 @@ class ModelInputs:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    image_sizes: list[list[tuple[int, int]]] | None = None  # original (width, height) of each conversation's images
+
+    TENSORS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+               "video_grid_thw")
 
     @classmethod
     def of(cls, inputs: Any) -> "ModelInputs":
@@ -31,7 +35,7 @@ class ModelInputs:
         if isinstance(inputs, cls):
             return inputs
         get = inputs.get if isinstance(inputs, Mapping) else (lambda k: getattr(inputs, k, None))
-        values = {f.name: get(f.name) for f in fields(cls)}
+        values = {name: get(name) for name in cls.TENSORS}
         if values["input_ids"] is None:
             raise InputError("inputs have no input_ids")
         for name, value in values.items():
@@ -66,7 +70,7 @@ class ModelInputs:
 
     # Mapping access, like transformers' BatchFeature: inputs["input_ids"], dict(inputs), **inputs.
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return [name for name in self.TENSORS if getattr(self, name) is not None]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.keys():
@@ -84,6 +88,8 @@ class ModelInputs:
             ids.append(torch.nn.functional.pad(p.input_ids, (pad, 0), value=pad_id))
             masks.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
         out = cls(torch.cat(ids), torch.cat(masks))
+        if all(p.image_sizes is not None for p in parts):
+            out.image_sizes = [sizes for p in parts for sizes in p.image_sizes]
         for px, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             have = [p for p in parts if getattr(p, grid) is not None]
             if have:
@@ -92,5 +98,6 @@ class ModelInputs:
         return out
 
     def to(self, device: torch.device | str) -> "ModelInputs":
-        return ModelInputs(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
-                              for f in fields(self)})
+        moved = {name: (None if getattr(self, name) is None else getattr(self, name).to(device))
+                 for name in self.TENSORS}
+        return ModelInputs(**moved, image_sizes=self.image_sizes)

@@ -16,6 +16,7 @@ import torch
 
 from .chat import TextStream, Tokenizer
 from .datatypes import ModelInputs
+from .grounding import Box
 from .model import Qwen2VLModel
 from .sampling import Sampler, SamplingParams, logprobs
 
@@ -213,6 +214,7 @@ class ChatResult:
     usage: Usage
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    boxes: list[Box] = field(default_factory=list)  # grounding boxes in the answer, in original image pixels
 
 
 def stream_text(generation: Generation, tokenizer: Tokenizer) -> Iterator[TextDelta]:

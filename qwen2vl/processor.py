@@ -63,16 +63,26 @@ class Processor:
         texts = [self.template.render(c, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
                  for c in batch]
         images, videos = [], []
+        sizes: list[list[tuple[int, int]]] = [[] for _ in batch]  # original image sizes, for grounding
         for item in items:
-            (images if item.kind == "image" else videos).append(self._pixels(item, defaults, progress))
+            if item.kind == "image":
+                patches, grid, size = self._pixels(item, defaults, progress)
+                images.append((patches, grid))
+                sizes[item.conversation].append(size)
+            else:
+                videos.append(self._pixels(item, defaults, progress)[:2])
         ids = self._expand(self.tokenizer.encode_batch(texts), images, videos)
-        return self._pad(ids, images, videos)
+        out = self._pad(ids, images, videos)
+        out.image_sizes = sizes
+        return out
 
-    def _pixels(self, item: VisionItem, defaults: dict, progress: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def _pixels(self, item: VisionItem, defaults: dict, progress: bool):
+        """(pixel rows, grid, original (width, height) for images / None for videos)."""
         options = {**{k: v for k, v in defaults.items() if item.kind == "video" or k in IMAGE_OPTIONS}, **item.options}
         try:
             if item.kind == "image":
-                return image_patches(load_image(item.source, self.policy), self.spec, **options)
+                image = load_image(item.source, self.policy)
+                return (*image_patches(image, self.spec, **options), image.size)
             if isinstance(item.source, (list, tuple)):
                 frames = frames_from_images(list(item.source), options, self.spec, self.policy)
             elif isinstance(item.source, (str, Path)):
@@ -83,7 +93,7 @@ class Processor:
             else:
                 raise InputError(f"unsupported video source of type {type(item.source).__name__} "
                                  "(use a path, URL or a list of frames)")
-            return video_patches(frames, options, self.spec)
+            return (*video_patches(frames, options, self.spec), None)
         except InputError as e:
             raise InputError(f"{item.where} ({item.kind} {item.describe()}): {e}") from None
 

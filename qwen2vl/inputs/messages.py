@@ -23,6 +23,7 @@ class VisionItem:
     source: Any  # a path/URL/data URI string, PIL image, array, or (videos) a list of frames
     options: dict[str, Any]
     where: str  # "conversation 0, message 1, item 2", for error messages
+    conversation: int = 0
 
     def describe(self) -> str:
         s = self.source
@@ -82,7 +83,7 @@ def vision_items(batch: list[list[dict]]) -> list[VisionItem]:
                     if not isinstance(item["text"], str):
                         raise InputError(f"{at}: 'text' must be a string")
                     continue
-                items.append(VisionItem(kind, _source(item, kind, at), _options(item, kind), at))
+                items.append(VisionItem(kind, _source(item, kind, at), _options(item, kind), at, ci))
     return items
 
 

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import grounding
 from ..errors import InputError, Qwen2VLError
 from ..generate import TextDelta, Usage, usage
 from ..inputs.fetch import MediaPolicy
@@ -95,7 +96,12 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
             deltas.append(item)
         text = "".join(d.text for d in deltas)
         u = usage(inputs, 0, len(deltas), model.config.image_token_id, model.config.video_token_id)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+        message = {"role": "assistant", "content": text}
+        boxes = grounding.parse(text, inputs.image_sizes[0] if inputs.image_sizes else None)
+        if boxes:  # an extension field; OpenAI clients ignore it (the openai package exposes it as model_extra)
+            message["boxes"] = [{"label": b.label, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "image": b.image}
+                                for b in boxes]
+        choice = {"index": 0, "message": message,
                   "finish_reason": deltas[-1].finish_reason if deltas else "length",
                   "logprobs": logprobs_block(deltas, processor.tokenizer) if body.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
