@@ -288,3 +288,52 @@ def test_sixteen_concurrent_streams_share_decode_steps(model):
         assert t_con < 0.5 * t_seq and batches < 16
     finally:
         s.close()
+
+
+def test_video_part_from_an_allowed_directory(model, assets):
+    video = str(assets / "videos" / "carphone-qcif.mp4")
+    s = make_server(model, policy=MediaPolicy(allow_local=True, local_roots=(assets / "videos",), allow_remote=False))
+    try:
+        r = s.client().chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}, "nframes": 4},
+                                         {"type": "text", "text": "What happens?"}]}])
+        want = model.chat([{"role": "user", "content": [{"type": "video", "video": video, "nframes": 4},
+                                                        {"type": "text", "text": "What happens?"}]}],
+                          max_new_tokens=6, temperature=0, max_frames=64)
+        assert r.choices[0].message.content == want.text and r.usage.model_extra["video_tokens"] > 0
+    finally:
+        s.close()
+
+
+def test_a_client_that_leaves_stops_its_generation(model):
+    """A streaming client that disconnects after its first chunk: its row is stopped at the next step, long before
+    max_tokens, and the server goes on serving."""
+    import http.client
+
+    from qwen2vl.generate import Generation
+
+    stopped = []
+    original = Generation.stop
+    Generation.stop = lambda self, row, reason="stop": (stopped.append(reason), original(self, row, reason))[1]
+    s = make_server(model)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 4000,
+            "temperature": 0, "stream": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        lines = [resp.readline() for _ in range(8)]  # the role chunk, then tokens: generation is running
+        assert sum(line.startswith(b"data:") for line in lines) == 4
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away (close() waits for the response file)
+        for _ in range(500):
+            if "abort" in stopped:
+                break
+            time.sleep(0.02)
+        assert "abort" in stopped
+        r = s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3)
+        assert r.choices[0].message.content is not None
+    finally:
+        Generation.stop = original
+        s.close()

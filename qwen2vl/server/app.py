@@ -73,7 +73,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "qwen2vl"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             conversation, options = to_conversation(body, limits)
             params = model.sampling(**sampling_args(body, limits))
@@ -84,6 +84,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
             return error(400, str(e))
         job = Job(inputs, params, asyncio.get_running_loop())
         scheduler.submit(job)
+        asyncio.get_running_loop().create_task(watch_disconnect(request, job))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -108,6 +109,15 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
                 "choices": [choice], "usage": usage_block(u)}
 
     return app
+
+
+async def watch_disconnect(request: Request, job: Job) -> None:
+    """Mark the job cancelled when its client goes away (the scheduler then stops its row at the next step)."""
+    while not job.finished:
+        if await request.is_disconnected():
+            job.cancelled = True
+            return
+        await asyncio.sleep(0.05)
 
 
 async def sse(job: Job, rid: str, created: int, model_name: str, include_usage: bool, inputs, config):

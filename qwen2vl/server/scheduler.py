@@ -22,8 +22,11 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TextDelta, then None; or an Exception
     cancelled: bool = False
+    finished: bool = False  # set when its last event has been sent
 
     def send(self, item: Any) -> None:
+        if item is None or isinstance(item, Exception):
+            self.finished = True
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
@@ -47,6 +50,9 @@ class Scheduler:
                 jobs.append(self.pending.get(timeout=self.gather_seconds))
         except queue.Empty:
             pass
+        for j in jobs:
+            if j.cancelled:  # its client left before it started
+                j.send(None)
         return [j for j in jobs if not j.cancelled]
 
     def _run(self) -> None:
