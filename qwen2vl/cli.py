@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -53,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
 
+    b = sub.add_parser("bench", help="qwen2vl and transformers side by side on random 2B checkpoints")
+    b.add_argument("--assets", default=os.environ.get("QWEN2VL_ASSETS", "../shared/assets"),
+                   help="folder with qwen2-vl-2b-instruct/ (config, tokenizer) and images/")
+    b.add_argument("--bf16", default="checkpoints/qwen2-vl-2b-instruct-random-bf16", help="made if absent")
+    b.add_argument("--awq", default="checkpoints/qwen2-vl-2b-instruct-random-awq", help="quantized if absent")
+    b.add_argument("--image", help="the image to encode (default: the assets' astronaut.png)")
+    b.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--no-transformers", action="store_true", help="measure qwen2vl only")
+    b.add_argument("--append", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
+
     q = sub.add_parser("quantize", help="write an AWQ (or GPTQ) checkpoint from a BF16/FP16/FP32 one")
     q.add_argument("src", help="source checkpoint directory")
     q.add_argument("dst", help="output directory")
@@ -62,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "quantize": cmd_quantize}[args.command](args)
+        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "quantize": cmd_quantize,
+                "bench": cmd_bench}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the user gets one clear line, not a traceback
@@ -292,6 +305,12 @@ def cmd_serve(args) -> int:
     app = create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench
+
+    return bench(args)
 
 
 def cmd_quantize(args) -> int:

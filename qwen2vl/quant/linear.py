@@ -150,10 +150,11 @@ DEQUANT_BLOCK = 1 << 22  # weights dequantized at a time on the exact path (16 M
 
 
 def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q (N, K) with contiguous groups -> W (N, K) float32 = (q - zero) * scale."""
+    """q (N, K) with contiguous groups -> W (N, K) float32 = (q - zero) * scale, in two passes."""
     N, K = q.shape
-    g = q.view(N, K // group_size, group_size).float()
-    return ((g - zeros.t()[:, :, None]) * scales.t()[:, :, None]).view(N, K)
+    w = q.view(N, K // group_size, group_size).to(torch.float32)
+    w.sub_(zeros.t()[:, :, None]).mul_(scales.t()[:, :, None])
+    return w.view(N, K)
 
 
 def int4_cpu_supported(device: torch.device, bits: int, in_features: int, out_features: int, group_size: int) -> bool:
@@ -186,7 +187,15 @@ def int4pack_layout() -> tuple[int, torch.Tensor] | None:
 def unpack_int4pack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """The levels q (N, K) uint8 back from torch's CPU int4 packing."""
     B, perm = int4pack_layout()
-    slots = torch.stack([packed & 0xF, packed >> 4], -1).view(N // B, K, B)
-    q = torch.empty_like(slots)
-    q[..., perm] = slots  # q[i, k, r] = level of row i*B + r at column k
-    return q.transpose(1, 2).reshape(N, K)
+    p = packed.view(N // B, K, B // 2)
+    if torch.equal(perm, _halves(B)):  # AVX-512 and AVX2: low nibbles rows 0..B/2-1, high nibbles the rest
+        q = torch.cat([p & 0xF, p >> 4], dim=-1)
+    else:
+        q = torch.empty(N // B, K, B, dtype=torch.uint8, device=packed.device)
+        q[..., perm] = torch.stack([p & 0xF, p >> 4], -1).view(N // B, K, B)
+    return q.transpose(1, 2).reshape(N, K)  # q[i, k, r] = level of row i*B + r at column k
+
+
+def _halves(B: int) -> torch.Tensor:
+    """The slot order [0, B/2, 1, B/2 + 1, ...]: byte j holds rows j (low nibble) and j + B/2 (high nibble)."""
+    return torch.stack([torch.arange(B // 2), torch.arange(B // 2) + B // 2], -1).flatten()
