@@ -28,10 +28,10 @@ CHECKPOINT_FILES = ["config.json", "generation_config.json", "preprocessor_confi
 
 def build_random_checkpoint(out: Path, source: Path, seed: int = 0) -> Path:
     """A hub-layout checkpoint (flat config.json, legacy tensor names, bf16) with transformers' random init."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
     if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
         return out
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
     flat = json.loads((source / "config.json").read_text())
     torch.manual_seed(seed)
     t0 = time.time()

@@ -108,9 +108,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale_zero", torch.stack([scales, (8 - zeros) * scales], -1).to(torch.bfloat16))
         # For large inputs (prefill) the exact path dequantizes from `packed` itself, so no second copy is kept.
         self.exact = int4pack_layout() is not None and self.out_features % int4pack_layout()[0] == 0
-        if self.exact:
-            self.register_buffer("scales", scales.float())
-            self.register_buffer("zeros", zeros.float())
+        if self.exact:  # as compact as the file: fp16 scales (exact), integer zero points
+            exact_fp16 = torch.equal(scales.half().float(), scales)
+            self.register_buffer("scales", scales.half() if exact_fp16 else scales.float())
+            self.register_buffer("zeros", zeros.to(torch.uint8))
         for name in ("qweight", "qzeros", "g_idx") + (() if self.exact else ("scales",)):
             if hasattr(self, name):
                 delattr(self, name)  # the checkpoint form is no longer needed
@@ -153,7 +154,7 @@ def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     """q (N, K) with contiguous groups -> W (N, K) float32 = (q - zero) * scale, in two passes."""
     N, K = q.shape
     w = q.view(N, K // group_size, group_size).to(torch.float32)
-    w.sub_(zeros.t()[:, :, None]).mul_(scales.t()[:, :, None])
+    w.sub_(zeros.t().float()[:, :, None]).mul_(scales.t().float()[:, :, None])
     return w.view(N, K)
 
 
