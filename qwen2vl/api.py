@@ -63,7 +63,8 @@ class Qwen2VL:
         Args:
             path_or_hub_id: a local directory with config.json and *.safetensors, or a hub id (downloaded and cached
                 by huggingface_hub).
-            dtype: compute and storage dtype of the weights; default float32 on CPU, bfloat16 elsewhere.
+            dtype: the compute dtype (and storage dtype of unquantized weights); default float32 on CPU, bfloat16
+                elsewhere. A quantized checkpoint's weights keep their own storage (see qwen2vl.quant).
             device: "cpu", "cuda", "cuda:1", ...
         """
         ckpt = resolve_checkpoint(path_or_hub_id)
