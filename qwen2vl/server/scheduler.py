@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..datatypes import ModelInputs
-from ..generate import Generation, TextDelta, stream_text
+from ..generate import Generation, stream_text
 from ..sampling import SamplingParams
 
 
@@ -83,7 +83,3 @@ class Scheduler:
         for row, job in enumerate(jobs):
             if row not in done:
                 job.send(None)
-
-
-def is_delta(item: Any) -> bool:
-    return isinstance(item, TextDelta)
