@@ -17,13 +17,18 @@ from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .memory import return_freed_memory
 from .model import Qwen2VLModel
 from .processor import Processor
-from .quant import QuantConfig, UpcastLinear, swap_quantized, swap_upcast
+from .quant import QuantConfig, ScanHead, UpcastLinear, native, swap_quantized, swap_upcast
+from .quant import fuse as fuse_projections
 from .quant import prepare as prepare_quantized
 from .sampling import SamplingParams
-from .weights import load_weights, resolve_checkpoint, tensor_names
+from .weights import load_weights, resolve_checkpoint, tensor_names, tensor_rows
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+# On CPU, images that set no size are capped at 512 visual tokens (~640x640; the checkpoint allows 16384, which
+# takes minutes on a CPU). A notice names each image it downscales; max_pixels (per item or call) overrides it.
+CPU_IMAGE_BUDGET = 512 * 28 * 28
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -57,7 +62,8 @@ class Qwen2VL:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu", *, progress: bool = True) -> "Qwen2VL":
+                        device: torch.device | str = "cpu", *, fast: bool | None = None,
+                        progress: bool = True) -> "Qwen2VL":
         """Load a checkpoint directory or a hub id (e.g. "Qwen/Qwen2-VL-2B-Instruct"), strictly.
 
         Args:
@@ -66,6 +72,10 @@ class Qwen2VL:
             dtype: the compute dtype (and storage dtype of unquantized weights); default float32 on CPU, bfloat16
                 elsewhere. A quantized checkpoint's weights keep their own storage (see qwen2vl.quant).
             device: "cpu", "cuda", "cuda:1", ...
+            fast: a quantized checkpoint on CPU (default: on) takes the fast paths whose accuracy BENCHMARKS.md
+                states: the LM head scans an int8 copy and recomputes its best candidates exactly (greedy choices stay
+                exact), and on CPUs with bf16 matrix instructions (AMX, AVX512-BF16) the vision encoder and
+                prefill matmuls run in bf16. False keeps every matmul in float32.
         """
         ckpt = resolve_checkpoint(path_or_hub_id)
         cfg = Qwen2VLConfig.from_file(ckpt)
@@ -78,16 +88,31 @@ class Qwen2VL:
             if cfg.quantization:
                 # The checkpoint decides: its quantized linears are swapped in. On a CPU its 16-bit vision tower,
                 # embeddings and (tied) LM head stay 16-bit in memory and are computed in float32 as they are used.
-                swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute)
                 stored = _DTYPES.get(str(cfg.torch_dtype))
-                if device.type == "cpu" and compute == torch.float32 and stored in (torch.float16, torch.bfloat16):
-                    swap_upcast(module.visual, stored, compute)
+                cpu16 = device.type == "cpu" and compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
+                fast = cpu16 and fast is not False
+                bf16 = fast and native.cpu_has_bf16_matmul()
+                swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute,
+                               bulk_dtype=torch.bfloat16 if bf16 else None)
+                if cpu16:
+                    if bf16:
+                        module.visual.to(torch.bfloat16)  # the whole vision tower in bf16, as on a GPU
+                    else:
+                        swap_upcast(module.visual, stored, compute)
                     swap_upcast(module.model, stored, compute)  # embed_tokens (decoder linears are quantized)
-                    module.lm_head = UpcastLinear(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
+                    head = ScanHead if fast else UpcastLinear
+                    module.lm_head = head(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
         tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
         load_weights(module, ckpt, device=device, tied=tied, progress=progress,
                      on_module_loaded=prepare_quantized)  # each quantized layer converts as soon as it is loaded
-        processor = Processor.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
+        if cfg.quantization:
+            fuse_projections(module)
+        if isinstance(module.lm_head, ScanHead):
+            module.lm_head.quantize(tensor_rows(ckpt, ("lm_head.weight",) + tied[1:] if tied else ("lm_head.weight",),
+                                                block=8192))
+        budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
+        processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() \
+            else None
         return cls(module.eval(), processor, ckpt)
 
     @property

@@ -95,6 +95,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", help="float32 (CPU default), bfloat16, float16")
+    p.add_argument("--exact", action="store_true",
+                   help="quantized checkpoints on CPU: keep every matmul in float32 (no bf16 vision/prefill, no int8 "
+                        "scan of the LM head); slower, see BENCHMARKS.md for what the fast paths cost")
 
 
 def _media_args(p: argparse.ArgumentParser) -> None:
@@ -134,7 +137,8 @@ def _load(args):
 
     print(f"loading {args.model} ...", file=sys.stderr)
     t0 = time.time()
-    model = Qwen2VL.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=True)
+    model = Qwen2VL.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=True,
+                                    fast=False if args.exact else None)
     return model, time.time() - t0
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ from .chat import ChatTemplate, Tokenizer
 from .datatypes import ModelInputs
 from .errors import InputError
 from .inputs.fetch import MediaPolicy
-from .inputs.image import VisionSpec, image_patches, load_image
+from .inputs.image import VisionSpec, image_patches, load_image, smart_resize
 from .inputs.messages import IMAGE_OPTIONS, VIDEO_OPTIONS, VisionItem, as_batch, vision_items
 from .inputs.video import frames_from_images, read_video, video_patches
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+log = logging.getLogger("qwen2vl")
 
 
 class Processor:
@@ -31,8 +33,11 @@ class Processor:
     """
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, spec: VisionSpec,
-                 policy: MediaPolicy | None = None, **defaults: Any):
+                 policy: MediaPolicy | None = None, image_budget: int | None = None, **defaults: Any):
         self.tokenizer = tokenizer
+        # max_pixels for images that set no size (no max_pixels or resized_* in the item, call or defaults); an
+        # image it downscales gets a one-line notice. Qwen2VL sets a CPU budget (see api.CPU_IMAGE_BUDGET).
+        self.image_budget = image_budget
         self.template = template
         self.spec = spec
         self.policy = policy or MediaPolicy()
@@ -41,11 +46,13 @@ class Processor:
         self.video_pad_id = tokenizer.token_id(VIDEO_PAD)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, policy: MediaPolicy | None = None, **defaults: Any) -> "Processor":
+    def from_pretrained(cls, path: str | Path, *, policy: MediaPolicy | None = None, image_budget: int | None = None,
+                        **defaults: Any) -> "Processor":
         path = Path(path)
         pre = path / "preprocessor_config.json"
         spec = VisionSpec.from_dict(json.loads(pre.read_text())) if pre.exists() else VisionSpec()
-        return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), spec, policy, **defaults)
+        return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), spec, policy, image_budget,
+                   **defaults)
 
     def render(self, conversations: Any, *, add_generation_prompt: bool = True, add_vision_id: bool = False
                ) -> list[str]:
@@ -82,7 +89,16 @@ class Processor:
         try:
             if item.kind == "image":
                 image = load_image(item.source, self.policy)
-                return (*image_patches(image, self.spec, **options), image.size)
+                sized = {"max_pixels", "resized_height", "resized_width"} & options.keys()
+                if self.image_budget is None or sized:
+                    return (*image_patches(image, self.spec, **options), image.size)
+                patches, grid = image_patches(image, self.spec, **options, max_pixels=self.image_budget)
+                full = smart_resize(image.height, image.width, self.spec.factor, options.get("min_pixels"))
+                if full[0] * full[1] > grid[1] * grid[2] * self.spec.patch_size**2:
+                    log.warning(f"qwen2vl: {item.where}: image {image.width}x{image.height} downscaled to "
+                                f"{grid[2] * self.spec.patch_size}x{grid[1] * self.spec.patch_size} by the default "
+                                f"image budget ({self.image_budget} pixels); pass max_pixels to change it")
+                return patches, grid, image.size
             if isinstance(item.source, (list, tuple)):
                 frames = frames_from_images(list(item.source), options, self.spec, self.policy)
             elif isinstance(item.source, (str, Path)):

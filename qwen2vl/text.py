@@ -21,6 +21,15 @@ class KVCache(Protocol):
         """Store k, v (B, Hkv, L, D) of `layer`; return all keys/values so far (B, Hkv, S, D)."""
 
 
+def fanout(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """The outputs of linears that share the input x. A loader may have fused them into one matmul: it sets
+    `linears[0].fused` to a module whose output is their outputs side by side."""
+    fused = getattr(linears[0], "fused", None)
+    if fused is None:
+        return [f(x) for f in linears]
+    return list(fused(x).split([f.out_features for f in linears], dim=-1))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -34,6 +43,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    fanouts = [("q_proj", "k_proj", "v_proj")]  # projections of one input, fusable (see `fanout`)
+
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -46,9 +57,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = fanout(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = k.reshape(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        v = v.reshape(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), post-rotary keys
@@ -57,6 +69,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fanouts = [("gate_proj", "up_proj")]
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -64,7 +78,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fanout(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

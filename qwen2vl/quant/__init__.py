@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import native
+from .head import ScanHead
 from .linear import QuantLinear, UpcastEmbedding, UpcastLinear
 
 
@@ -43,13 +45,15 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def swap_quantized(model: nn.Module, cfg: QuantConfig, tensor_names: set[str], dtype: torch.dtype) -> int:
-    """Replace the linears the checkpoint stores quantized (biases in `dtype`); returns how many."""
+def swap_quantized(model: nn.Module, cfg: QuantConfig, tensor_names: set[str], dtype: torch.dtype,
+                   bulk_dtype: torch.dtype | None = None) -> int:
+    """Replace the linears the checkpoint stores quantized (biases in `dtype`; matmuls over many rows in
+    `bulk_dtype`, default `dtype`); returns how many."""
     n = 0
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and f"{name}.qweight" in tensor_names:
             _replace(model, name, QuantLinear(m.in_features, m.out_features, m.bias is not None, cfg.method,
-                                              cfg.bits, cfg.group_size, cfg.zero_offset, dtype))
+                                              cfg.bits, cfg.group_size, cfg.zero_offset, dtype, bulk_dtype))
             n += 1
     return n
 
@@ -73,4 +77,19 @@ def prepare(model: nn.Module) -> None:
             m.prepare()
 
 
-__all__ = ["QuantConfig", "QuantLinear", "UpcastLinear", "UpcastEmbedding", "swap_quantized", "swap_upcast", "prepare"]
+def fuse(model: nn.Module) -> int:
+    """Fuse quantized projections that share an input (a module's `fanouts`, e.g. q/k/v) into one matmul each:
+    fewer, larger kernel calls. Returns how many groups were fused."""
+    n = 0
+    for m in list(model.modules()):
+        for names in getattr(m, "fanouts", ()):
+            parts = [getattr(m, name) for name in names]
+            if all(isinstance(p, QuantLinear) for p in parts):
+                fused = QuantLinear.concat(parts)
+                if fused is not None:
+                    parts[0].fused = fused
+                    n += 1
+    return n
+
+
+__all__ = ["fuse", "QuantConfig", "QuantLinear", "ScanHead", "UpcastLinear", "UpcastEmbedding", "swap_quantized", "swap_upcast", "prepare"]

@@ -5,11 +5,13 @@ its kernel once: torch's int4 CPU kernel where it applies, else the reference de
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .formats import awq_unpack, dequantize, gptq_unpack
 
 
@@ -59,9 +61,10 @@ class QuantLinear(nn.Module):
     """y = x W^T + b with W group-quantized in a checkpoint format ("awq" or "gptq")."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, bits: int, group_size: int,
-                 zero_offset: int = 1, dtype: torch.dtype = torch.float32):
+                 zero_offset: int = 1, dtype: torch.dtype = torch.float32, bulk_dtype: torch.dtype | None = None):
         super().__init__()
         K, N, G = in_features, out_features, in_features // group_size
+        self.bulk_dtype = bulk_dtype or dtype  # the matmul dtype for inputs of more than DECODE_ROWS rows
         self.in_features, self.out_features = K, N
         self.fmt, self.bits, self.group_size, self.zero_offset = fmt, bits, group_size, zero_offset
         per = 32 // bits
@@ -94,9 +97,25 @@ class QuantLinear(nn.Module):
         if int4_cpu_supported(self.qweight.device, self.bits, self.in_features, self.out_features, self.group_size):
             perm = torch.argsort(g_idx, stable=True)
             if torch.equal(g_idx[perm], torch.arange(self.in_features, device=perm.device) // self.group_size):
-                self._to_int4_cpu(q, scales, zeros, perm)
+                if q4x4_supported(self.group_size, self.out_features, scales):
+                    self._to_q4x4(q, scales, zeros, perm)
+                else:
+                    self._to_int4_cpu(q, scales, zeros, perm)
                 return
         self.kernel = "reference"
+
+    def _to_q4x4(self, q, scales, zeros, perm) -> None:
+        # kernels.c's AVX-512 decode kernel and dequantization, on its own streaming layout (no torch packing kept).
+        ordered = not torch.equal(perm, torch.arange(len(perm), device=perm.device))
+        self.register_buffer("perm", perm if ordered else None)
+        packed, sc, zr = native.q4x4_pack(q[:, perm] if ordered else q, scales, zeros)
+        for name in ("qweight", "qzeros", "g_idx", "scales"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", sc)
+        self.register_buffer("zeros", zr)
+        self.exact, self.kernel = True, "q4x4"
 
     def _to_int4_cpu(self, q, scales, zeros, perm) -> None:
         # torch's int4 CPU kernel computes W = (q - 8) * s + z per group, with bf16 activations
@@ -117,6 +136,41 @@ class QuantLinear(nn.Module):
                 delattr(self, name)  # the checkpoint form is no longer needed
         self.kernel = "int4_cpu"
 
+    @classmethod
+    def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
+        """One int4_cpu layer computing `parts` (same input) side by side, taking over their weights; None if they
+        cannot be fused (other kernels, act-order, packing blocks that would straddle two parts)."""
+        first = parts[0]
+        if first.kernel not in ("q4x4", "int4_cpu"):
+            return None
+        layout = int4pack_layout()
+        block = 4 if first.kernel == "q4x4" else layout[0] if layout is not None else 0
+        if not block or any(p.kernel != first.kernel or p.perm is not None or not p.exact or
+                                 p.out_features % block or p.group_size != first.group_size or
+                                 p.in_features != first.in_features or p.bulk_dtype != first.bulk_dtype or
+                                 (p.bias is None) != (first.bias is None) for p in parts):
+            return None
+        fused = cls(first.in_features, sum(p.out_features for p in parts), first.bias is not None, first.fmt,
+                    first.bits, first.group_size, first.zero_offset, bulk_dtype=first.bulk_dtype)
+        for name in ("qweight", "qzeros", "g_idx"):
+            if hasattr(fused, name):
+                delattr(fused, name)
+        fused.register_buffer("perm", None)
+        fused.packed = torch.cat([p.packed for p in parts])  # whole packing blocks per part, along N
+        if first.kernel == "q4x4":  # (N/4, G, 4)
+            fused.scales, fused.zeros = (torch.cat([getattr(p, n) for p in parts]) for n in ("scales", "zeros"))
+        else:  # (G, N)
+            for name in ("scale_zero", "scales", "zeros"):
+                setattr(fused, name, torch.cat([getattr(p, name) for p in parts], dim=1))
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        fused.exact, fused.kernel, fused.prepared = True, first.kernel, True
+        for p in parts:  # the parts keep their names (and shapes) but no longer hold weights
+            for name in ("packed", "scale_zero", "scales", "zeros"):
+                setattr(p, name, None)
+            p.kernel = "fused"
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
@@ -124,18 +178,30 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:  # act-order: input features in group order
             x2 = x2[:, self.perm]
-        if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: exact float32, dequantizing a block of rows at a time
-            y = self._exact(x2)
-        else:  # decode: int4 kernel on bf16 activations
+        if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: dequantize, then a dense matmul
+            y = self._dequantized_matmul(x2)
+        elif self.kernel == "q4x4":  # decode: kernels.c, int16-rounded activations
+            y = native.q4x4_gemv(x2, self.packed, self.scales, self.zeros).to(x.dtype)
+        else:  # decode: torch's int4 kernel on bf16 activations
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
                                                            self.scale_zero).to(x.dtype)
         y = y.view(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
-    def _exact(self, x: torch.Tensor) -> torch.Tensor:
-        B = int4pack_layout()[0]
+    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N): W^T dequantized by the native kernel into a reused buffer, in `bulk_dtype`
+        (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by torch ops in float32."""
         N, K = self.out_features, self.in_features
+        if self.kernel == "q4x4":
+            wt = native.q4x4_dequant_t(self.packed, self.scales, self.zeros,
+                                       _scratch(K * N, self.bulk_dtype).view(K, N))
+            return torch.matmul(x.to(wt.dtype), wt).to(x.dtype)
+        B = int4pack_layout()[0]
+        if native.library() is not None:
+            wt = native.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
+                                         self.group_size, _scratch(K * N, self.bulk_dtype).view(K, N))
+            return torch.matmul(x.to(wt.dtype), wt).to(x.dtype)
         rows = max(B, (DEQUANT_BLOCK // K) // B * B)  # output features per block, whole packing blocks
         out = []
         for n0 in range(0, N, rows):
@@ -144,6 +210,17 @@ class QuantLinear(nn.Module):
             w = dequantize_grouped(q, self.scales[:, n0:n1], self.zeros[:, n0:n1], self.group_size)
             out.append(F.linear(x, w.to(x.dtype)))
         return torch.cat(out, dim=-1)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of at least `numel` elements, reused by every layer (no allocation per call)."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    if dtype not in bufs or bufs[dtype].numel() < numel:
+        bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return bufs[dtype][:numel]
 
 
 DECODE_ROWS = 16  # inputs with at most this many rows use the int4 kernel (cpu-notes: it wins at M=1, not M>=64)
@@ -156,6 +233,12 @@ def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     w = q.view(N, K // group_size, group_size).to(torch.float32)
     w.sub_(zeros.t().float()[:, :, None]).mul_(scales.t().float()[:, :, None])
     return w.view(N, K)
+
+
+def q4x4_supported(group_size: int, out_features: int, scales: torch.Tensor) -> bool:
+    """Where kernels.c's decode kernel applies: AVX-512 BW, groups of 128, fp16-exact scales (AWQ/GPTQ store fp16)."""
+    return (group_size == 128 and out_features % 4 == 0 and native.gemv_supported()
+            and torch.equal(scales.half().float(), scales.float()))
 
 
 def int4_cpu_supported(device: torch.device, bits: int, in_features: int, out_features: int, group_size: int) -> bool:

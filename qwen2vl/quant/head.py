@@ -1,0 +1,119 @@
+"""An LM head for decoding on CPU: an int8 scan of the whole vocabulary, then exact float32 logits for the best
+candidates, with a proof that the greedy choice is the exact one.
+
+The 151936 x 1536 head is a quarter of the weights read per decoded token. Its 16-bit weights (tied to the
+embeddings, left memory-mapped) are also kept as int8 rows with one bf16 scale each (torch's int8 weight-only
+kernel, or kernels.c's on AVX-512: half the bytes). Per row of input:
+  1. approximate logits of every token from the int8 copy;
+  2. exact logits (float32 from the 16-bit weights) of the top REFINE tokens, written over their approximations;
+  3. a bound on |approximate - exact| (rounding of the weights, of the activations and of the sums)
+     decides whether any other token could beat the best refined one; if one could, more tokens are refined, up to
+     the whole vocabulary.
+So the argmax of the returned logits is always the exact argmax, and the top REFINE logits are exact; the others are
+within the bound (about 1% of the logits' spread). Inputs of more than SCAN_ROWS rows (`Qwen2VL.logits` over a
+prompt) take the exact path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native
+
+REFINE = 128  # tokens refined exactly per row, first try
+SCAN_ROWS = 16
+CHUNK_ROWS = 8192
+
+
+class ScanHead(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, storage_dtype: torch.dtype,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if bias or dtype != torch.float32:
+            raise ValueError("ScanHead computes float32 logits without a bias")
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=storage_dtype), requires_grad=False)
+        self.q8 = self.scale = None  # filled by quantize() after loading; not checkpoint tensors
+        self.native = False
+        self.widened = 0  # rows whose proof needed more than REFINE exact logits (statistics)
+        self.full = 0  # rows that needed the whole vocabulary exactly
+
+    def quantize(self, rows: Iterator[torch.Tensor]) -> None:
+        """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 4 rows (read from
+        the file, so the 16-bit table's pages need not become resident)."""
+        V, D = self.weight.shape
+        self.native = native.gemv_supported() and V % 4 == 0 and D % 128 == 0
+        # native: float32 scales, rows interleaved 4 at a time (kernels.c "q8x4"); torch's kernel: bf16 scales.
+        self.q8 = torch.empty(V // 4, D // 64, 4, 64, dtype=torch.int8) if self.native else \
+            torch.empty(V, D, dtype=torch.int8)
+        self.scale = torch.empty(V, dtype=torch.float32 if self.native else torch.bfloat16)
+        r0 = 0
+        for w in rows:
+            w, n = w.float(), len(w)
+            amax = w.abs().amax(1)
+            s = (amax / 127).clamp_min(1e-30).to(self.scale.dtype)
+            # bf16 scales are rounded up, so no weight exceeds 127 steps
+            s = torch.where(s.float() * 127 < amax, torch.nextafter(s, torch.full_like(s, 1e30)), s)
+            q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+            if self.native:
+                self.q8[r0 // 4:(r0 + n) // 4] = q.view(n // 4, 4, D // 64, 64).transpose(1, 2)
+            else:
+                self.q8[r0:r0 + n] = q
+            self.scale[r0:r0 + n] = s
+            r0 += n
+        assert r0 == V, (r0, V)
+
+    def scan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate logits (M, V) of x (M, D) and an upper bound on their error (M, V)."""
+        s = self.scale.float()
+        if self.native:
+            approx = native.q8x4_gemv(x, self.q8, self.scale)
+            # weights: s/2 |x|_1; activations rounded to int16 per 128 (kernels.c): 127 s D max|x| / 65534;
+            # float32 sums: relative 1e-4.
+            D = x.shape[-1]
+            err = s * (0.51 * x.abs().sum(-1, keepdim=True) + 127 * D / 65534 * x.abs().amax(-1, keepdim=True))
+            return approx, err + approx.abs() * 1e-4 + 1e-4
+        approx = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q8, self.scale).float()
+        # weights: s/2 |x|_1; bf16 activations: 127 * 2^-9 s |x|_1; bf16 output: 2^-8 |approx|; float32 sums.
+        return approx, s * (0.76 * x.abs().sum(-1, keepdim=True)) + approx.abs() * 2**-8 + 1e-3
+
+    def exact(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits from the 16-bit weights: all tokens (x (M, D) -> (M, V)), or `rows` (M, R) -> (M, R)."""
+        if rows is not None:
+            return torch.einsum("mrd,md->mr", self.weight[rows].to(x.dtype), x)
+        out = x.new_empty(x.shape[0], self.weight.shape[0])
+        for r0 in range(0, self.weight.shape[0], CHUNK_ROWS):
+            w = self.weight[r0:r0 + CHUNK_ROWS]
+            torch.matmul(x, w.to(x.dtype).t(), out=out[:, r0:r0 + len(w)])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > SCAN_ROWS:
+            return self.exact(x2).view(*shape[:-1], -1)
+        approx, err = self.scan(x2)
+        upper = approx + err  # exact <= upper, for every token
+        idx = approx.topk(REFINE, dim=-1).indices  # (M, k)
+        exact = self.exact(x2, idx)
+        out = approx.scatter_(-1, idx, exact)
+        # Proven when the best refined logit beats every other token's upper bound; else refine more.
+        unsure = exact.amax(-1) <= upper.scatter(-1, idx, float("-inf")).amax(-1)
+        for m in unsure.nonzero()[:, 0].tolist():  # rare: flat distributions
+            out[m] = self._widen(x2[m], out[m], upper[m])
+        return out.view(*shape[:-1], -1)
+
+    def _widen(self, x: torch.Tensor, logits: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+        self.widened += 1
+        k = REFINE * 8
+        while k < logits.shape[0] // 4:
+            idx = upper.topk(k).indices
+            exact = self.exact(x[None], idx[None])[0]
+            if float(exact.max()) > float(upper.scatter(0, idx, float("-inf")).max()):
+                return logits.index_put_((idx,), exact)
+            k *= 8
+        self.full += 1
+        return self.exact(x[None])[0]

@@ -1,0 +1,115 @@
+"""The CPU fast paths: the LM head's int8 scan with exact refinement (its greedy choice must be the exact one),
+kernels.c's int8 scan kernel, and the default CPU image budget."""
+
+import logging
+
+import pytest
+import torch
+
+from qwen2vl.quant import ScanHead, native
+from qwen2vl.quant import head as head_module
+
+BACKENDS = ["native", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def scan_backend(request, monkeypatch):
+    if request.param == "native" and not native.gemv_supported():
+        pytest.skip("kernels.c's decode kernels need AVX-512 BW and a C compiler")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "gemv_supported", lambda: False)
+    return request.param
+
+
+def make_head(V, D, seed=0, spread=0.02):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(V, D, generator=g) * spread).half()
+    head = ScanHead(D, V, False, torch.float16)
+    head.weight = torch.nn.Parameter(w, requires_grad=False)
+    head.quantize(iter(w.split(64)))
+    return head, w
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_scan_head_greedy_is_exact(scan_backend, rows):
+    """Argmax of the returned logits equals the float32 argmax on every row; the scan's top REFINE logits are the
+    float32 ones; every other logit lies within the scan's stated bound of the float32 value."""
+    V, D = 4096, 256
+    head, w = make_head(V, D)
+    assert head.native == (scan_backend == "native")
+    for seed in range(20):
+        x = torch.randn(rows, D, generator=torch.Generator().manual_seed(100 + seed))
+        ref = x @ w.float().t()
+        out = head(x)
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+        approx, err = head.scan(x)
+        top = approx.topk(head_module.REFINE, dim=-1).indices  # the scan's best REFINE are recomputed exactly
+        assert torch.allclose(out.gather(1, top), ref.gather(1, top), rtol=0, atol=1e-5)
+        assert ((out - ref).abs() <= err + 1e-5).all()
+        assert ((approx - ref).abs() <= err).all()  # the bound holds for the raw scan
+
+
+def test_scan_head_widens_on_flat_logits(scan_backend):
+    """Logits with a hundred near-ties at the top cannot be settled by the first REFINE tokens' bound: the head
+    refines more (or all) and still returns the exact argmax."""
+    V, D = 4096, 128
+    head, w = make_head(V, D, seed=1)
+    base = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    w2 = w.float().clone()
+    w2[:300] = base.half().float() / base.norm() ** 2 * 3  # 300 rows with logit exactly ~3 for x = base
+    w2[:300] += torch.randn(300, D, generator=torch.Generator().manual_seed(3)) * 1e-4
+    head, _ = make_head(V, D)
+    head.weight = torch.nn.Parameter(w2.half(), requires_grad=False)
+    head.quantize(iter(w2.half().split(64)))
+    x = base[None]
+    ref = x @ w2.half().float().t()
+    out = head(x)
+    assert head.widened + head.full >= 1
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_scan_head_many_rows_is_exact():
+    """More than SCAN_ROWS rows (Qwen2VL.logits over a prompt) take the float32 path."""
+    head, w = make_head(512, 128)
+    x = torch.randn(2, 20, 128)
+    assert torch.allclose(head(x), x @ w.float().t(), atol=1e-5)
+
+
+def test_q8x4_gemv_matches_reference():
+    if not native.gemv_supported():
+        pytest.skip("kernels.c's decode kernels need AVX-512 BW and a C compiler")
+    g = torch.Generator().manual_seed(0)
+    N, K = 520, 384
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) * 1e-3
+    layout = q.view(N // 4, 4, K // 64, 64).transpose(1, 2).contiguous()
+    for M in (1, 5, 16):
+        x = torch.randn(M, K, generator=g)
+        ref = x.double() @ (q.double() * s.double()[:, None]).t()
+        y = native.q8x4_gemv(x, layout, s)
+        # activations rounded to int16 per 128 inputs: relative error ~2^-16
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_cpu_image_budget_downscales_with_a_notice(assets, caplog):
+    """On CPU, an image that sets no size is capped by the image budget, with a one-line notice naming it; any
+    max_pixels (call or item) replaces the budget."""
+    from qwen2vl.processor import Processor
+
+    proc = Processor.from_pretrained(assets / "qwen2-vl-2b-instruct", image_budget=64 * 28 * 28)
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(assets / "images" / "document-page.jpg")},
+                                         {"type": "text", "text": "read it"}]}]
+    with caplog.at_level(logging.WARNING, logger="qwen2vl"):
+        x = proc(conv)
+    assert int(x.image_grid_thw.prod()) // 4 <= 64
+    assert len(caplog.records) == 1 and "conversation 0, message 0, item 0" in caplog.text
+    assert "1080x2089" in caplog.text and "max_pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qwen2vl"):
+        y = proc(conv, max_pixels=256 * 28 * 28)
+    assert int(y.image_grid_thw.prod()) // 4 > 64 and not caplog.records
+    small = [{"role": "user", "content": [{"type": "image", "image": str(assets / "images" / "cat.png"),
+                                           "max_pixels": 32 * 28 * 28}]}]
+    with caplog.at_level(logging.WARNING, logger="qwen2vl"):
+        proc(small)
+    assert not caplog.records  # the item's own max_pixels: not the budget's doing
