@@ -92,17 +92,18 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, str]]:
 
 
 def tensor_rows(ckpt: Path, names: tuple[str, ...], block: int) -> Iterator[torch.Tensor]:
-    """Blocks of `block` rows of the first of `names` (canonical) in the checkpoint, each copied out of a mapping of
-    the file that is closed at the end, so none of its pages stay resident."""
+    """Blocks of `block` rows of the first of `names` (canonical) in the checkpoint, each copied out of its own
+    mapping of the file, closed before the next, so the pages read do not stay resident."""
     found = {name: (f, key) for name, f, key in iter_tensors(safetensors_files(ckpt))}
     name = next((n for n in names if n in found), None)
     if name is None:
         raise CheckpointError(f"none of {list(names)} is in {ckpt}")
     f, key = found[name]
     with safe_open(str(f), framework="pt") as handle:
-        rows = handle.get_slice(key)
-        for r0 in range(0, rows.get_shape()[0], block):
-            yield rows[r0:r0 + block].clone()
+        n = handle.get_slice(key).get_shape()[0]
+    for r0 in range(0, n, block):
+        with safe_open(str(f), framework="pt") as handle:  # a fresh mapping per block: its pages go with it
+            yield handle.get_slice(key)[r0:r0 + block].clone()
 
 
 def tensor_names(ckpt: Path) -> set[str]:

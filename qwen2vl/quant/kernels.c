@@ -116,6 +116,14 @@ static inline __m512i dot16(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
+/* The integer dot product of 128 weights (four vectors of 32 int16, inputs 0-31, 32-63, 64-95, 96-127) with xg. */
+static inline __m512i dot128(__m512i w0, __m512i w1, __m512i w2, __m512i w3, const int16_t *xg) {
+    __m512i a = dot16(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xg));
+    a = dot16(a, w1, _mm512_loadu_si512(xg + 32));
+    a = dot16(a, w2, _mm512_loadu_si512(xg + 64));
+    return dot16(a, w3, _mm512_loadu_si512(xg + 96));
+}
+
 /* x (M, K) -> xq (M, K) int16, scales xs (M, K/128) and integer sums xsum (M, K/128). */
 static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, float *xsum) {
     for (int m = 0; m < M; m++)
@@ -160,11 +168,7 @@ void q4x4_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint
                 __m512i lo1 = _mm512_and_si512(b1, low), hi1 = _mm512_srli_epi16(b1, 4);
                 const float z = (float)zero[meta + r];
                 for (int m = 0; m < M; m++) {
-                    const int16_t *xg = xq + (size_t)m * K + g * 128;
-                    __m512i a = dot16(_mm512_setzero_si512(), lo0, _mm512_loadu_si512(xg));
-                    a = dot16(a, lo1, _mm512_loadu_si512(xg + 32));
-                    a = dot16(a, hi0, _mm512_loadu_si512(xg + 64));
-                    a = dot16(a, hi1, _mm512_loadu_si512(xg + 96));
+                    __m512i a = dot128(lo0, lo1, hi0, hi1, xq + (size_t)m * K + g * 128);
                     const float f = sw[r] * xs[m * G + g];
                     acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(f), acc[r][m]);
                     corr[r][m] += f * z * xsum[m * G + g];
@@ -198,11 +202,7 @@ void q8x4_gemv(const float *x, int M, int K, int N, const int8_t *w, const float
                 __m512i v2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 256 + r * 64)));
                 __m512i v3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 256 + r * 64 + 32)));
                 for (int m = 0; m < M; m++) {
-                    const int16_t *xg = xq + (size_t)m * K + g * 128;
-                    __m512i a = dot16(_mm512_setzero_si512(), v0, _mm512_loadu_si512(xg));
-                    a = dot16(a, v1, _mm512_loadu_si512(xg + 32));
-                    a = dot16(a, v2, _mm512_loadu_si512(xg + 64));
-                    a = dot16(a, v3, _mm512_loadu_si512(xg + 96));
+                    __m512i a = dot128(v0, v1, v2, v3, xq + (size_t)m * K + g * 128);
                     acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[m * G + g]), acc[r][m]);
                 }
             }
