@@ -21,7 +21,7 @@ from .quant import QuantConfig, ScanHead, UpcastLinear, native, swap_quantized, 
 from .quant import fuse as fuse_projections
 from .quant import prepare as prepare_quantized
 from .sampling import SamplingParams
-from .weights import load_weights, resolve_checkpoint, tensor_names, tensor_rows
+from .weights import RowReader, load_weights, resolve_checkpoint, tensor_names
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -108,8 +108,12 @@ class Qwen2VL:
         if cfg.quantization:
             fuse_projections(module)
         if isinstance(module.lm_head, ScanHead):
-            module.lm_head.quantize(tensor_rows(ckpt, ("lm_head.weight",) + tied[1:] if tied else ("lm_head.weight",),
-                                                block=8192))
+            # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader):
+            # the loaded mapping is dropped, so its pages never count in RSS.
+            head_rows = RowReader.open(ckpt, ("lm_head.weight",) + (tied[1:] if tied else ()))
+            module.lm_head.use_rows(head_rows)
+            module.model.embed_tokens.use_rows(head_rows if tied else
+                                              RowReader.open(ckpt, ("model.embed_tokens.weight",)))
         budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
         processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() \
             else None

@@ -107,15 +107,21 @@ ROWS = [("load_s", "load (s)", False), ("vision_448_s", "vision encode 448x448 (
         ("peak_rss_gb", "peak RSS (GiB)", False)]
 
 
-def run_engine(engine: str, ckpt: Path, image: Path, decode_tokens: int, threads: int) -> dict:
+def run_engine(engine: str, ckpt: Path, image: Path, decode_tokens: int, threads: int,
+               python: str = sys.executable) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error"}
-    r = subprocess.run([sys.executable, "-c", WORK, engine, str(ckpt), str(image), str(decode_tokens)],
+    r = subprocess.run([python, "-c", WORK, engine, str(ckpt), str(image), str(decode_tokens)],
                        capture_output=True, text=True, env=env)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
     if r.returncode or line is None:
         raise RuntimeError(f"{engine} benchmark failed:\n{r.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def torch_build(python: str) -> str:
+    r = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return r.stdout.strip() or "?"
 
 
 def machine() -> str:
@@ -161,12 +167,14 @@ def main(args) -> int:
 
     torch.set_num_threads(args.threads)
     print(f"qwen2vl on {awq} ...", file=sys.stderr)
-    ours = run_engine("qwen2vl", awq, image, args.decode_tokens, args.threads)
+    ours = run_engine("qwen2vl", awq, image, args.decode_tokens, args.threads, args.python or sys.executable)
     ref = None
     if not args.no_transformers:
         print(f"transformers fp32 on {bf16} ...", file=sys.stderr)
         ref = run_engine("transformers", bf16, image, args.decode_tokens, args.threads)
     text = table(ours, ref, args.threads, "qwen2vl (2B AWQ)", "transformers fp32 (2B)")
+    if args.python:
+        text += f"\nqwen2vl ran under {args.python} (torch {torch_build(args.python)})."
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine()}"
     print(f"\n{stamp}\n\n{text}")
     if args.append:

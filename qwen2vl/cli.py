@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--no-transformers", action="store_true", help="measure qwen2vl only")
+    b.add_argument("--python", help="the interpreter for qwen2vl's side (e.g. a venv with torch's CPU build, "
+                                    "as a CPU user installs it); default: this one")
     b.add_argument("--append", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
 
     q = sub.add_parser("quantize", help="write an AWQ (or GPTQ) checkpoint from a BF16/FP16/FP32 one")

@@ -172,3 +172,24 @@ def test_hub_id_offline_without_cache_is_a_clear_error(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("qwen2vl.errors.CheckpointError")
     assert "not in the local cache" in last and "offline" in last and "hf download" in last
+
+
+def test_row_reader_reads_rows_like_indexing(tmp_path):
+    """RowReader (pread, no mapping) returns what indexing the loaded tensor returns: gathered rows of any index
+    shape, blocks, a tensor stored second in the file; a bad row is an IndexError."""
+    from safetensors.torch import save_file
+
+    from qwen2vl.weights import RowReader
+
+    g = torch.Generator().manual_seed(0)
+    first, table = torch.randn(3, 5, generator=g), torch.randn(37, 16, generator=g).half()
+    save_file({"a.first": first, "model.embed_tokens.weight": table}, str(tmp_path / "model.safetensors"))
+    rows = RowReader.open(tmp_path, ("lm_head.weight", "model.embed_tokens.weight"))
+    assert rows.shape == (37, 16) and rows.dtype == torch.float16
+    ids = torch.tensor([[5, 0, 36], [5, 7, 1]])
+    assert torch.equal(rows[ids], table[ids])
+    assert torch.equal(rows[3:20], table[3:20]) and torch.equal(rows[30:100], table[30:])
+    with pytest.raises(IndexError):
+        rows[torch.tensor([37])]
+    with pytest.raises(CheckpointError):
+        RowReader.open(tmp_path, ("lm_head.weight",))

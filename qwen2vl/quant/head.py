@@ -2,7 +2,7 @@
 candidates, with a proof that the greedy choice is the exact one.
 
 The 151936 x 1536 head is a quarter of the weights read per decoded token. Its 16-bit weights (tied to the
-embeddings, left memory-mapped) are also kept as int8 rows with one bf16 scale each (torch's int8 weight-only
+embeddings, read from the file on demand) are also kept as int8 rows with one bf16 scale each (torch's int8 weight-only
 kernel, or kernels.c's on AVX-512: half the bytes). Per row of input:
   1. approximate logits of every token from the int8 copy;
   2. exact logits (float32 from the 16-bit weights) of the top REFINE tokens, written over their approximations;
@@ -41,9 +41,15 @@ class ScanHead(nn.Module):
         self.widened = 0  # rows whose proof needed more than REFINE exact logits (statistics)
         self.full = 0  # rows that needed the whole vocabulary exactly
 
+    def use_rows(self, rows) -> None:
+        """Take the 16-bit weights from `rows` (a weights.RowReader: rows read from the file on demand; the loaded
+        weight is dropped) and build the int8 copy from it."""
+        del self.weight
+        self.weight = rows
+        self.quantize(rows[r0:r0 + CHUNK_ROWS] for r0 in range(0, rows.shape[0], CHUNK_ROWS))
+
     def quantize(self, rows: Iterator[torch.Tensor]) -> None:
-        """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 4 rows (read from
-        the file, so the 16-bit table's pages need not become resident)."""
+        """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 4 rows."""
         V, D = self.weight.shape
         self.native = native.gemv_supported() and V % 4 == 0 and D % 128 == 0
         # native: float32 scales, rows interleaved 4 at a time (kernels.c "q8x4"); torch's kernel: bf16 scales.

@@ -53,8 +53,13 @@ class UpcastEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num, dim, dtype=storage_dtype), requires_grad=False)
         self.dtype = dtype
 
+    def use_rows(self, rows) -> None:
+        """Read rows from `rows` (a weights.RowReader) instead of the loaded weight, which is dropped."""
+        del self.weight
+        self.weight = rows
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).to(self.dtype)
+        return self.weight[ids].to(self.dtype)  # (..., dim), as F.embedding
 
 
 class QuantLinear(nn.Module):
@@ -194,9 +199,8 @@ class QuantLinear(nn.Module):
         (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by torch ops in float32."""
         N, K = self.out_features, self.in_features
         if self.kernel == "q4x4":
-            wt = native.q4x4_dequant_t(self.packed, self.scales, self.zeros,
-                                       _scratch(K * N, self.bulk_dtype).view(K, N))
-            return torch.matmul(x.to(wt.dtype), wt).to(x.dtype)
+            w = native.q4x4_dequant(self.packed, self.scales, self.zeros, _scratch(N * K, self.bulk_dtype).view(N, K))
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
         B = int4pack_layout()[0]
         if native.library() is not None:
             wt = native.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
