@@ -87,7 +87,8 @@ class Qwen2VL:
             module = Qwen2VLModel(cfg).to(compute)
             if cfg.quantization:
                 # The checkpoint decides: its quantized linears are swapped in. On a CPU its 16-bit vision tower,
-                # embeddings and (tied) LM head stay 16-bit in memory and are computed in float32 as they are used.
+                # embeddings and (tied) LM head stay 16-bit in memory, computed in float32 as they are used; the fast
+                # paths compute the vision tower in bf16 where the CPU has bf16 matrix instructions and scan the head.
                 stored = _DTYPES.get(str(cfg.torch_dtype))
                 cpu16 = device.type == "cpu" and compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
                 fast = cpu16 and fast is not False

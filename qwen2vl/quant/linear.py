@@ -143,20 +143,21 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
-        """One int4_cpu layer computing `parts` (same input) side by side, taking over their weights; None if they
-        cannot be fused (other kernels, act-order, packing blocks that would straddle two parts)."""
+        """One layer (q4x4 or int4_cpu kernel) computing `parts` (same input) side by side, taking over their
+        weights; None if they cannot be fused (other kernels, act-order, packing blocks straddling two parts)."""
         first = parts[0]
         if first.kernel not in ("q4x4", "int4_cpu"):
             return None
         layout = int4pack_layout()
         block = 4 if first.kernel == "q4x4" else layout[0] if layout is not None else 0
-        if not block or any(p.kernel != first.kernel or p.perm is not None or not p.exact or
-                                 p.out_features % block or p.group_size != first.group_size or
-                                 p.in_features != first.in_features or p.bulk_dtype != first.bulk_dtype or
-                                 (p.bias is None) != (first.bias is None) for p in parts):
+        if not block or any(p.kernel != first.kernel or p.perm is not None or not p.exact
+                            or p.out_features % block or p.group_size != first.group_size
+                            or p.in_features != first.in_features or p.bulk_dtype != first.bulk_dtype
+                            or (p.bias is None) != (first.bias is None) for p in parts):
             return None
-        fused = cls(first.in_features, sum(p.out_features for p in parts), first.bias is not None, first.fmt,
-                    first.bits, first.group_size, first.zero_offset, bulk_dtype=first.bulk_dtype)
+        with torch.device("meta"):  # its checkpoint-form buffers are never filled
+            fused = cls(first.in_features, sum(p.out_features for p in parts), first.bias is not None, first.fmt,
+                        first.bits, first.group_size, first.zero_offset, bulk_dtype=first.bulk_dtype)
         for name in ("qweight", "qzeros", "g_idx"):
             if hasattr(fused, name):
                 delattr(fused, name)
@@ -195,7 +196,7 @@ class QuantLinear(nn.Module):
 
 
     def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N): W^T dequantized by the native kernel into a reused buffer, in `bulk_dtype`
+        """x (M, K) -> (M, N): the weights dequantized by kernels.c into a reused buffer, in `bulk_dtype`
         (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by torch ops in float32."""
         N, K = self.out_features, self.in_features
         if self.kernel == "q4x4":
