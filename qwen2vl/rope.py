@@ -12,14 +12,19 @@ import torch
 from .errors import InputError
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, broadcasting cos/sin over the head axis."""
-    return x * cos + rotate_half(x) * sin
+    """The reference's x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] for x = [x1, x2].
+
+    `sin` comes with its first half negated (see `_signed`), so rotate_half(x) * sin_ref = roll(x, D/2) * sin:
+    the same products bit for bit, in three ops instead of six (this runs twice per layer per decoded token).
+    Broadcasts cos/sin over the head axis."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def _signed(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin (see `apply_rotary`) of angles (..., D/2) duplicated to D (rotate_half layout)."""
+    c, s = angles.cos(), angles.sin()
+    return torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
 
 
 def inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
@@ -33,7 +38,7 @@ def inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
 
 def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, mrope_section: tuple[int, ...],
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, L, head_dim) for positions (3, B, L) (rows t, h, w).
+    """cos, sin (B, L, head_dim) for positions (3, B, L) (rows t, h, w); sin sign-folded for `apply_rotary`.
 
     Frequency i (of head_dim/2) takes its angle from the t, h or w row by chunks [16 t | 24 h | 24 w] for the 2B/7B/72B
     section [16, 24, 24]; the 64 angles are then duplicated to 128, as in rotate_half layout. Cast to the activation
@@ -41,8 +46,8 @@ def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, mrope_se
     """
     freqs = positions[..., None].float() * inv_freq(head_dim, theta, positions.device)  # (3, B, L, head_dim/2)
     angles = torch.cat([f[i] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)  # (B, L, D/2)
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = _signed(angles)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def get_rope_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -146,9 +151,10 @@ def vision_patch_coords(grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor:
 
 def vision_cos_sin(grid_thw: torch.Tensor, head_dim: int, theta: float, merge: int = 2
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos, sin (N, 1, head_dim): angles [rows * inv | cols * inv] (head_dim/2), duplicated."""
+    """float32 cos, sin (N, 1, head_dim): angles [rows * inv | cols * inv] (head_dim/2), duplicated; sin
+    sign-folded for `apply_rotary`."""
     coords = vision_patch_coords(grid_thw, merge).float()
     inv = inv_freq(head_dim // 2, theta, grid_thw.device)  # 20 frequencies per axis for head_dim 80
     angles = (coords[:, :, None] * inv).flatten(1)  # (N, 2 * head_dim/4) = [rows*inv | cols*inv]
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos()[:, None, :], emb.sin()[:, None, :]
+    cos, sin = _signed(angles)
+    return cos[:, None, :], sin[:, None, :]

@@ -68,6 +68,18 @@ def test_scan_head_widens_on_flat_logits(scan_backend):
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("V", [151936, 4096, 1000])
+def test_top_indices_equal_topk(V):
+    """The blockwise selection of the refined tokens finds the same set as topk (vocabulary-sized rows, one with
+    its best values packed into one block; sizes where it falls back to topk)."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, V, generator=g)
+    x[1, 256:384] += 10  # the whole top 128 of row 1 in one block
+    got = head_module.top_indices(x, 128)
+    want = x.topk(128, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
 def test_scan_head_many_rows_is_exact():
     """More than SCAN_ROWS rows (Qwen2VL.logits over a prompt) take the float32 path."""
     head, w = make_head(512, 128)

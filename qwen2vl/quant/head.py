@@ -102,24 +102,42 @@ class ScanHead(nn.Module):
         if x2.shape[0] > SCAN_ROWS:
             return self.exact(x2).view(*shape[:-1], -1)
         approx, err = self.scan(x2)
-        upper = approx + err  # exact <= upper, for every token
-        idx = approx.topk(REFINE, dim=-1).indices  # (M, k)
+        idx = top_indices(approx, REFINE)  # (M, k)
         exact = self.exact(x2, idx)
+        upper = err.add_(approx).scatter_(-1, idx, float("-inf"))  # exact <= upper for every token not refined
         out = approx.scatter_(-1, idx, exact)
         # Proven when the best refined logit beats every other token's upper bound; else refine more.
-        unsure = exact.amax(-1) <= upper.scatter(-1, idx, float("-inf")).amax(-1)
+        best = exact.amax(-1)
+        unsure = best <= upper.amax(-1)
         for m in unsure.nonzero()[:, 0].tolist():  # rare: flat distributions
-            out[m] = self._widen(x2[m], out[m], upper[m])
+            out[m] = self._widen(x2[m], out[m], upper[m], float(best[m]))
         return out.view(*shape[:-1], -1)
 
-    def _widen(self, x: torch.Tensor, logits: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    def _widen(self, x: torch.Tensor, logits: torch.Tensor, upper: torch.Tensor, best: float) -> torch.Tensor:
+        """Refine the tokens of highest bound (upper: -inf where already exact) until the best exact logit beats
+        every remaining bound; past a quarter of the vocabulary, all of it."""
         self.widened += 1
         k = REFINE * 8
         while k < logits.shape[0] // 4:
             idx = upper.topk(k).indices
             exact = self.exact(x[None], idx[None])[0]
-            if float(exact.max()) > float(upper.scatter(0, idx, float("-inf")).max()):
-                return logits.index_put_((idx,), exact)
+            logits.index_put_((idx,), exact)
+            upper = upper.index_fill(0, idx, float("-inf"))
+            best = max(best, float(exact.max()))
+            if best > float(upper.max()):
+                return logits
             k *= 8
         self.full += 1
         return self.exact(x[None])[0]
+
+
+def top_indices(x: torch.Tensor, k: int, block: int = 128) -> torch.Tensor:
+    """Indices (M, k) of the k largest values of each row of x (M, V), as x.topk(k) (up to ties), in ~1/5 of its
+    time over a vocabulary: the k largest lie in the k blocks of `block` values with the largest maxima, so only
+    those k * block candidates are ranked."""
+    M, V = x.shape
+    if V % block or V // block <= k:
+        return x.topk(k, dim=-1).indices
+    blocks = x.view(M, V // block, block).amax(-1).topk(k, dim=-1).indices  # (M, k)
+    cand = (blocks[:, :, None] * block + torch.arange(block, device=x.device)).view(M, -1)  # (M, k * block)
+    return cand.gather(-1, x.gather(-1, cand).topk(k, dim=-1).indices)

