@@ -34,10 +34,10 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise RuntimeError(f"KV cache full ({self.k.shape[3]} positions)")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
+        ks, vs = self.k[layer], self.v[layer]  # narrow/copy_: a few microseconds less than slice assignment
+        ks.narrow(2, self.length, k.shape[2]).copy_(k)
+        vs.narrow(2, self.length, v.shape[2]).copy_(v)
+        return ks.narrow(2, 0, end), vs.narrow(2, 0, end)
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer has written its n new positions."""
         self.length += n
