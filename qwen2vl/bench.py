@@ -1,8 +1,12 @@
 """`qwen2vl bench`: qwen2vl and transformers side by side on random-weight checkpoints of the real 2B shape.
 
-Each engine runs in its own process (so peak RSS is its own) and measures the same work: vision encode of a 448x448
-and an 896x896 image, prefill of 256 and 1024 text tokens, batch-1 decode of 128 tokens, time to first token for a
-448x448 image plus a short question, and peak RSS. Weights are random: speed does not depend on their values.
+Each engine runs in its own worker process (so peak RSS is its own) and measures the same work: vision encode of a
+448x448 and an 896x896 image, prefill of 256 and 1024 text tokens, batch-1 decode of 128 tokens, time to first token
+for a 448x448 image plus a short question, and peak RSS. Weights are random: speed does not depend on their values.
+
+Shared machines slow down and speed up by tens of percent over minutes (other tenants' memory traffic), so the two
+workers take turns item by item for several rounds (which one goes first alternates), and the table reports each
+engine's best round and its median round: both engines see the same conditions.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +28,6 @@ def peak_rss():  # the kernel's high-water mark of this process's resident set (
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 engine, ckpt, image, decode_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-out = {}
 from PIL import Image
 img = Image.open(image).convert("RGB")
 question = "Describe this image."
@@ -34,7 +38,7 @@ if engine == "qwen2vl":
     from qwen2vl import Qwen2VL
     from qwen2vl.generate import Generation
     from qwen2vl.datatypes import ModelInputs
-    model, out["load_s"] = timed(lambda: Qwen2VL.from_pretrained(ckpt, progress=False))
+    model, load_s = timed(lambda: Qwen2VL.from_pretrained(ckpt, progress=False))
     m, proc = model.model, model.processor
     def vision(size):
         x = proc([{"role": "user", "content": [{"type": "image", "image": img, "resized_height": size,
@@ -63,7 +67,7 @@ if engine == "qwen2vl":
         return time.perf_counter() - t
 else:
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    model, out["load_s"] = timed(lambda: Qwen2VLForConditionalGeneration.from_pretrained(
+    model, load_s = timed(lambda: Qwen2VLForConditionalGeneration.from_pretrained(
         ckpt, dtype=torch.float32, attn_implementation="sdpa").eval())
     proc = Qwen2VLProcessor.from_pretrained(ckpt)
     def vision(size):
@@ -89,15 +93,14 @@ else:
             model.generate(**x, max_new_tokens=1, do_sample=False)
         return time.perf_counter() - t
 vision(224)  # warm up
-out["vision_448_s"] = vision(448)
-out["vision_896_s"] = vision(896)
 prefill(16)
-out["prefill_256_tps"] = 256 / prefill(256)
-out["prefill_1024_tps"] = 1024 / prefill(1024)
-out["decode_tps"] = decode(decode_tokens)
-out["ttft_448_s"] = ttft()
-out["peak_rss_gb"] = peak_rss() / 2**30
-print("RESULT", json.dumps(out))
+work = {"vision_448_s": lambda: vision(448), "vision_896_s": lambda: vision(896),
+        "prefill_256_tps": lambda: 256 / prefill(256), "prefill_1024_tps": lambda: 1024 / prefill(1024),
+        "decode_tps": lambda: decode(decode_tokens), "ttft_448_s": ttft,
+        "load_s": lambda: load_s, "peak_rss_gb": lambda: peak_rss() / 2**30}
+print("READY", flush=True)
+for line in sys.stdin:  # one item per line, from the parent
+    print("RESULT", json.dumps(work[line.strip()]()), flush=True)
 """
 
 ROWS = [("load_s", "load (s)", False), ("vision_448_s", "vision encode 448x448 (s)", False),
@@ -107,16 +110,59 @@ ROWS = [("load_s", "load (s)", False), ("vision_448_s", "vision encode 448x448 (
         ("peak_rss_gb", "peak RSS (GiB)", False)]
 
 
-def run_engine(engine: str, ckpt: Path, image: Path, decode_tokens: int, threads: int,
-               python: str = sys.executable) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error"}
-    r = subprocess.run([python, "-c", WORK, engine, str(ckpt), str(image), str(decode_tokens)],
-                       capture_output=True, text=True, env=env)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        raise RuntimeError(f"{engine} benchmark failed:\n{r.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+ITEMS = ["vision_448_s", "vision_896_s", "prefill_256_tps", "prefill_1024_tps", "decode_tps", "ttft_448_s"]
+
+
+class Worker:
+    """One engine's benchmark process: loads its model, then runs one work item per request."""
+
+    def __init__(self, engine: str, ckpt: Path, image: Path, decode_tokens: int, threads: int,
+                 python: str = sys.executable):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_VERBOSITY": "error"}
+        self.engine = engine
+        self.proc = subprocess.Popen([python, "-c", WORK, engine, str(ckpt), str(image), str(decode_tokens)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._expect("READY")
+
+    def _expect(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        raise RuntimeError(f"the {self.engine} benchmark worker failed (exit code {self.proc.wait()}; "
+                           "its error is above)")
+
+    def run(self, item: str) -> float:
+        self.proc.stdin.write(item + "\n")
+        self.proc.stdin.flush()
+        return float(json.loads(self._expect("RESULT")))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # the worker's loop ends
+        except OSError:  # it already died
+            pass
+        self.proc.wait()
+
+
+def measure(workers: list[Worker], rounds: int) -> list[tuple[dict, dict]]:
+    """(best, median) per worker of every item over `rounds` rounds; in each round the workers take turns on each
+    item, the first one alternating between rounds."""
+    runs = [{item: [] for item in ITEMS} for _ in workers]
+    for r in range(rounds):
+        for item in ITEMS:
+            order = list(range(len(workers)))[::-1 if r % 2 else 1]
+            for i in order:
+                runs[i][item].append(workers[i].run(item))
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    out = []
+    for w, run in zip(workers, runs):
+        best = {k: (max(v) if k.endswith("_tps") else min(v)) for k, v in run.items()}
+        median = {k: statistics.median(v) for k, v in run.items()}
+        for extra in ("load_s", "peak_rss_gb"):
+            best[extra] = median[extra] = w.run(extra)
+        out.append((best, median))
+    return out
 
 
 def torch_build(python: str) -> str:
@@ -166,13 +212,20 @@ def main(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"qwen2vl on {awq} ...", file=sys.stderr)
-    ours = run_engine("qwen2vl", awq, image, args.decode_tokens, args.threads, args.python or sys.executable)
-    ref = None
+    print(f"loading qwen2vl on {awq} ...", file=sys.stderr)
+    workers = [Worker("qwen2vl", awq, image, args.decode_tokens, args.threads, args.python or sys.executable)]
     if not args.no_transformers:
-        print(f"transformers fp32 on {bf16} ...", file=sys.stderr)
-        ref = run_engine("transformers", bf16, image, args.decode_tokens, args.threads)
-    text = table(ours, ref, args.threads, "qwen2vl (2B AWQ)", "transformers fp32 (2B)")
+        print(f"loading transformers fp32 on {bf16} ...", file=sys.stderr)
+        workers.append(Worker("transformers", bf16, image, args.decode_tokens, args.threads))
+    try:
+        results = measure(workers, args.rounds)
+    finally:
+        for w in workers:
+            w.close()
+    (ours_best, ours_median), (ref_best, ref_median) = results if len(results) == 2 else (results[0], (None, None))
+    names = ("qwen2vl (2B AWQ)", "transformers fp32 (2B)")
+    text = (f"Best of {args.rounds} alternating rounds:\n\n" + table(ours_best, ref_best, args.threads, *names)
+            + f"\n\nMedian of the {args.rounds} rounds:\n\n" + table(ours_median, ref_median, args.threads, *names))
     if args.python:
         text += f"\nqwen2vl ran under {args.python} (torch {torch_build(args.python)})."
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine()}"

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--image", help="the image to encode (default: the assets' astronaut.png)")
     b.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--rounds", type=int, default=3, help="alternating rounds per item (best and median reported)")
     b.add_argument("--no-transformers", action="store_true", help="measure qwen2vl only")
     b.add_argument("--python", help="the interpreter for qwen2vl's side (e.g. a venv with torch's CPU build, "
                                     "as a CPU user installs it); default: this one")

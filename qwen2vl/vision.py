@@ -83,10 +83,11 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         N = x.shape[0]
-        qkv = self.qkv(x).view(N, 3, self.num_heads, -1)
-        # Rotary in float32 (spec 5.2) on q and k at once, then back to the compute dtype.
-        q, k = apply_rotary(qkv[:, :2].float(), cos[:, None], sin[:, None]).to(qkv.dtype).unbind(1)  # (N, H, D)
-        return self.proj(segments.attention(q, k, qkv[:, 2]).reshape(N, -1))
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x (N, H, D)
+        # Rotary in float32 (spec 5.2), then back to the compute dtype; one at a time (peak memory, large images).
+        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
+        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        return self.proj(segments.attention(q, k, v).reshape(N, -1))
 
 
 class VisionMlp(nn.Module):
