@@ -69,8 +69,9 @@ class Attention(nn.Module):
         if L == 1 and mask is None:  # decoding: each kv head's query heads as its queries (2x faster than GQA SDPA)
             q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             out = F.scaled_dot_product_attention(q, k, v).view(B, self.n_heads, 1, self.head_dim)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        else:  # no mask for L > 1: a causal prompt without padding (attention_mask), ~2x less work in SDPA
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -124,10 +125,11 @@ def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor | None:
     """Causal + padding mask (B, 1, q_len, S), True = attend, for the last q_len of S keys.
 
     key_valid (B, S) marks real (non-pad) keys. A query with no valid key before it (a left pad) attends to itself
-    alone, so no row is fully masked (SDPA would give NaN there). None when every key may be seen (decode, no pad).
+    alone, so no row is fully masked (SDPA would give NaN there). None when there is no padding and the queries are
+    either one (decode: every key may be seen) or all S positions (plain causal attention, SDPA's is_causal).
     """
     S = key_valid.shape[1]
-    if q_len == 1 and bool(key_valid.all()):
+    if (q_len == 1 or q_len == S) and bool(key_valid.all()):
         return None
     q_idx = torch.arange(S - q_len, S, device=key_valid.device)[:, None]
     k_idx = torch.arange(S, device=key_valid.device)[None, :]
