@@ -38,6 +38,7 @@ class KVCache:
         ks.narrow(2, self.length, k.shape[2]).copy_(k)
         vs.narrow(2, self.length, v.shape[2]).copy_(v)
         return ks.narrow(2, 0, end), vs.narrow(2, 0, end)
+
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer has written its n new positions."""
         self.length += n

@@ -16,7 +16,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """The reference's x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] for x = [x1, x2].
 
     `sin` comes with its first half negated (see `_signed`), so rotate_half(x) * sin_ref = roll(x, D/2) * sin:
-    the same products bit for bit, in three ops instead of six (this runs twice per layer per decoded token) and two
+    the same products bit for bit, in four ops instead of six (this runs twice per layer per decoded token) and two
     temporaries. Broadcasts cos/sin over the head axis."""
     return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin))
 

@@ -187,7 +187,7 @@ class QuantLinear(nn.Module):
         if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: dequantize, then a dense matmul
             y = self._dequantized_matmul(x2)
         elif self.kernel == "q4x4":  # decode: kernels.c, int16-rounded activations
-            y = native.q4x4_gemv(x2, self.packed, self.scales, self.zeros, self.out_features).to(x.dtype)
+            y = native.q4x4_gemv(x2, self.packed, self.scales, self.zeros).to(x.dtype)
         else:  # decode: torch's int4 kernel on bf16 activations
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
                                                            self.scale_zero).to(x.dtype)

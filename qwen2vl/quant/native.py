@@ -115,13 +115,11 @@ def q4x4_pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tup
     return packed, meta(scales, torch.float16), meta(zeros, torch.uint8)
 
 
-def q4x4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-              N: int | None = None) -> torch.Tensor:
-    """x (M, K) float32, M <= 16 -> (M, N) float32 = x W^T (activations rounded to int16 per 128, see kernels.c).
-    Runs once per linear per decoded token: checks are kept to what the C code relies on."""
+def q4x4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32, M <= 16 -> (M, N) float32 = x W^T (activations rounded to int16 per 128, see kernels.c)."""
     M, K = x.shape
-    N = N or packed.shape[0] * 4
-    if M > 16 or packed.shape[0] * 4 != N or packed.shape[1] * 128 != K or not packed.is_contiguous():
+    N = packed.shape[0] * 4
+    if M > 16 or packed.shape[1] * 128 != K or not packed.is_contiguous():
         raise ValueError(f"q4x4_gemv: x {tuple(x.shape)} does not fit weights {tuple(packed.shape)}")
     x = x.float().contiguous()
     y = torch.empty(M, N)
