@@ -199,9 +199,9 @@ class QuantLinear(nn.Module):
         """x (M, K) -> (M, N): the weights dequantized by kernels.c into a reused buffer, in `bulk_dtype`
         (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by torch ops in float32."""
         N, K = self.out_features, self.in_features
-        if self.kernel == "q4x4":
-            w = native.q4x4_dequant(self.packed, self.scales, self.zeros, _scratch(N * K, self.bulk_dtype).view(N, K))
-            return F.linear(x.to(w.dtype), w).to(x.dtype)
+        if self.kernel == "q4x4":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
+            wt = native.q4x4_dequant_t(self.packed, self.scales, self.zeros, _scratch(K * N, self.bulk_dtype).view(K, N))
+            return torch.mm(x.to(wt.dtype), wt).to(x.dtype)
         B = int4pack_layout()[0]
         if native.library() is not None:
             wt = native.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,

@@ -68,8 +68,8 @@ def library() -> ctypes.CDLL | None:
     lib.q4pack_dequant_t.restype = None
     lib.q4x4_gemv.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int]
     lib.q4x4_gemv.restype = None
-    lib.q4x4_dequant.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]
-    lib.q4x4_dequant.restype = None
+    lib.q4x4_dequant_t.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]
+    lib.q4x4_dequant_t.restype = None
     lib.q8x4_gemv.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
     lib.q8x4_gemv.restype = None
     lib.gemv_supported.restype = ctypes.c_int
@@ -128,11 +128,11 @@ def q4x4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     return y
 
 
-def q4x4_dequant(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (N, K) float32 or bfloat16 = W from the q4x4 layout."""
-    N, K = out.shape
+def q4x4_dequant_t(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (K, N) float32 or bfloat16 = W^T from the q4x4 layout."""
+    K, N = out.shape
     assert packed.shape == (N // 4, K // 128, 4, 64) and out.is_contiguous()
     assert out.dtype in (torch.float32, torch.bfloat16)
-    library().q4x4_dequant(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, out.data_ptr(),
-                           int(out.dtype == torch.bfloat16), torch.get_num_threads())
+    library().q4x4_dequant_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, out.data_ptr(),
+                             int(out.dtype == torch.bfloat16), torch.get_num_threads())
     return out
