@@ -17,7 +17,7 @@ from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .memory import return_freed_memory
 from .model import Qwen2VLModel
 from .processor import Processor
-from .quant import QuantConfig, ScanHead, UpcastLinear, native, swap_quantized, swap_upcast
+from .quant import QuantConfig, ScanHead, UpcastLinear, native, native_vision, swap_quantized, swap_upcast
 from .quant import fuse as fuse_projections
 from .quant import prepare as prepare_quantized
 from .sampling import SamplingParams
@@ -75,7 +75,9 @@ class Qwen2VL:
             fast: a quantized checkpoint on CPU (default: on) takes the fast paths whose accuracy BENCHMARKS.md
                 states: the LM head scans an int8 copy and recomputes its best candidates exactly (greedy choices stay
                 exact), and on CPUs with bf16 matrix instructions (AMX, AVX512-BF16) the vision encoder and
-                prefill matmuls run in bf16. False keeps every matmul in float32.
+                prefill matmuls run in bf16. On CPU, any checkpoint's vision tower also runs its rotary and
+                quick_gelu as native kernels (quant.native_vision; the same numbers to float32 ulps). False keeps
+                every matmul in float32 and every op in torch.
         """
         ckpt = resolve_checkpoint(path_or_hub_id)
         cfg = Qwen2VLConfig.from_file(ckpt)
@@ -108,6 +110,8 @@ class Qwen2VL:
                      on_module_loaded=prepare_quantized)  # each quantized layer converts as soon as it is loaded
         if cfg.quantization:
             fuse_projections(module)
+        if device.type == "cpu" and fast is not False:
+            native_vision(module.visual)
         if isinstance(module.lm_head, ScanHead):
             # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader):
             # the loaded mapping is dropped, so its pages never count in RSS.

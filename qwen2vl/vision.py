@@ -74,19 +74,24 @@ class PatchEmbed(nn.Module):
         return F.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1))  # (N, 1176) -> (N, embed_dim)
 
 
+def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v (N, H, D) from qkv (N, 3, H, D), q and k rotated in float32 (spec 5.2) and back in the compute dtype;
+    one at a time (peak memory, large images)."""
+    q, k, v = qkv.unbind(1)
+    return apply_rotary(q.float(), cos, sin).to(v.dtype), apply_rotary(k.float(), cos, sin).to(v.dtype), v
+
+
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.rotate = rotate_qk  # a loader may swap in a native kernel that rotates in place (quant.native_vision)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         N = x.shape[0]
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x (N, H, D)
-        # Rotary in float32 (spec 5.2), then back to the compute dtype; one at a time (peak memory, large images).
-        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        q, k, v = self.rotate(self.qkv(x).view(N, 3, self.num_heads, -1), cos, sin)  # 3 x (N, H, D)
         return self.proj(segments.attention(q, k, v).reshape(N, -1))
 
 

@@ -1,13 +1,20 @@
 """The CPU fast paths: the LM head's int8 scan with exact refinement (its greedy choice must be the exact one),
-kernels.c's int8 scan kernel, and the default CPU image budget."""
+kernels.c's int8 scan kernel, its prefill dequantization and vision kernels, oneDNN-prepacked linears, and the
+default CPU image budget."""
 
 import logging
 
 import pytest
 import torch
 
-from qwen2vl.quant import ScanHead, native
+from qwen2vl.quant import PackedLinear, ScanHead, native
 from qwen2vl.quant import head as head_module
+from qwen2vl.quant.formats import dequantize
+from qwen2vl.rope import vision_cos_sin
+from qwen2vl.vision import quick_gelu, rotate_qk
+
+needs_library = pytest.mark.skipif(native.library() is None, reason="kernels.c needs a C compiler (QWEN2VL_NATIVE)")
+needs_avx512 = pytest.mark.skipif(not native.gemv_supported(), reason="kernels.c's AVX-512 kernels need AVX-512 BW")
 
 BACKENDS = ["native", "torch"]
 
@@ -101,6 +108,68 @@ def test_q8x4_gemv_matches_reference():
         y = native.q8x4_gemv(x, layout, s)
         # activations rounded to int16 per 128 inputs: relative error ~2^-16
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K", [(256, 384), (68, 128), (200, 1536)])  # N % 64 == 4 and 8: the rows left over
+def test_q4x4_dequant_t_is_exact(N, K, dtype):
+    """W^T for the prefill matmul: exactly the reference dequantization (q - zero) * scale, rounded to `dtype`."""
+    g = torch.Generator().manual_seed(N)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scales = torch.rand(K // 128, N, generator=g).half().float()
+    zeros = torch.randint(0, 16, (K // 128, N), generator=g).float()
+    ref = dequantize(q, scales, zeros, torch.arange(K) // 128).to(dtype)
+    wt = native.q4x4_dequant_t(*native.q4x4_pack(q, scales, zeros), torch.empty(K, N, dtype=dtype))
+    assert torch.equal(wt, ref.t())
+
+
+def _qkv(dtype, N=300, H=4, D=80):
+    g = torch.Generator().manual_seed(0)
+    cos, sin = vision_cos_sin(torch.tensor([[1, 10, 30]]), D, 10000.0)  # 300 patches
+    return (torch.randn(N, 3, H, D, generator=g) * 3).to(dtype), cos, sin
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_vision_rotary_equals_torch(dtype):
+    """The in-place kernel gives the torch formula's numbers bit for bit (same float32 ops, same rounding)."""
+    qkv, cos, sin = _qkv(dtype)
+    ref = rotate_qk(qkv, cos, sin)
+    out = native.rotary_qk(qkv.clone(), cos, sin).unbind(1)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
+@needs_avx512
+def test_native_quick_gelu_matches_torch():
+    """One pass with its own exp: float32 within 1e-6 relative of torch's three ops; bf16 rounds each step as torch
+    does, so at most a few values of millions differ, by at most one bf16 step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1 << 20, generator=g) * 4, torch.tensor([-200.0, -90.0, 0.0, 90.0, 200.0]),
+                   torch.randn(11, generator=g)])  # a length that is not a multiple of 16
+    ref = quick_gelu(x)
+    assert ((native.quick_gelu_(x.clone()) - ref).abs() <= 1e-6 * ref.abs() + 1e-30).all()
+    xb = x.bfloat16()
+    refb, outb = quick_gelu(xb).float(), native.quick_gelu_(xb.clone()).float()
+    differ = outb != refb
+    assert differ.sum() <= 8 and ((outb - refb).abs()[differ] <= refb.abs()[differ] * 2**-7).all()
+
+
+@pytest.mark.skipif(not PackedLinear.supported(torch.bfloat16), reason="needs bf16 matrix instructions and oneDNN")
+@pytest.mark.parametrize("rows", [7, 290, 1024])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_linear(rows, bias):
+    """oneDNN's prepacked bf16 matmul against F.linear on the same bf16 weights: the same products, summed in
+    float32 in another order; outputs within one bf16 step."""
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(640, 384, bias=bias).bfloat16()
+    x = torch.randn(rows, 640, generator=g).bfloat16()
+    ref = lin(x).float()
+    packed = PackedLinear(lin)
+    out = packed(x).float()
+    assert out.shape == ref.shape and ((out - ref).abs() <= ref.abs() * 2**-7 + 1e-3).all()
+    assert torch.equal(packed(x.view(1, rows, 640)).view(rows, -1), packed(x))
 
 
 def test_cpu_image_budget_downscales_with_a_notice(assets, caplog):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen2vl import Qwen2VL
-from qwen2vl.quant import QuantLinear, ScanHead, native
+from qwen2vl.quant import PackedLinear, QuantLinear, ScanHead, native
 from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
                                    pack_columns, quantize_rtn, unpack_columns)
 from tests.oracle import build_inputs, hf_logits, hf_model, tiny_checkpoint
@@ -231,6 +231,8 @@ def test_awq_checkpoint_layout(assets, tmp_path):
     # the fast paths: the vision tower in bf16 where the CPU has bf16 matrix instructions; the head's int8 scan
     fast_vision = torch.bfloat16 if native.cpu_has_bf16_matmul() else torch.float16
     assert fast.model.visual.blocks[0].attn.qkv.weight.dtype == fast_vision
+    # ... with its linears' weights prepacked for oneDNN where its bf16 matmul applies
+    assert isinstance(fast.model.visual.blocks[0].attn.qkv, PackedLinear) == PackedLinear.supported(fast_vision)
     assert isinstance(fast.model.lm_head, ScanHead) and not isinstance(ours.model.lm_head, ScanHead)
 
 

@@ -151,6 +151,38 @@ void q4x4_dequant_t(const uint8_t *w, const uint16_t *scale, const uint8_t *zero
 }
 
 /* ------------------------------------------------------------------------------------------------------------
+   The vision tower's elementwise work, in place on a linear's fresh output (float32 or bfloat16 rows).
+   ------------------------------------------------------------------------------------------------------------ */
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Rotary on q and k of qkv (N, 3, H, D) in place: x * cos + roll(x, D/2) * sin per (row, head), in float32 with
+   each product and the sum rounded as torch's three ops are (-ffp-contract=off: no fused multiply-add), then
+   rounded to the tensor's dtype. cos, sin (N, D) float32, sin sign-folded (rope.py). */
+void rotary_qk(void *qkv, int N, int H, int D, const float *cos, const float *sin, int bf16, int threads) {
+    const int half = D / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *c = cos + (size_t)n * D, *s = sin + (size_t)n * D;
+        for (int h = 0; h < 2 * H; h++) {  /* q's heads, then k's */
+            const size_t o = ((size_t)n * 3 * H + h) * D;
+            float x[512], y[512];  /* D <= 512 */
+            if (bf16) for (int i = 0; i < D; i++) x[i] = bf16_to_float(((uint16_t *)qkv)[o + i]);
+            else memcpy(x, (float *)qkv + o, sizeof(float) * D);
+            for (int i = 0; i < half; i++) y[i] = x[i] * c[i] + x[i + half] * s[i];
+            for (int i = half; i < D; i++) y[i] = x[i] * c[i] + x[i - half] * s[i];
+            if (bf16) for (int i = 0; i < D; i++) ((uint16_t *)qkv)[o + i] = to_bf16(y[i]);
+            else memcpy((float *)qkv + o, y, sizeof(float) * D);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
    Decoding (M <= 16 input rows): int4 linears and the LM head's int8 scan, reading each weight byte once, in order
    (each thread streams its share of 4-row blocks; software prefetch 2 KB ahead measured ~20% faster than without).
 
@@ -330,8 +362,57 @@ void q8x4_gemv(const float *x, int M, int K, int N, const int8_t *w, const float
     }
     free(xq); free(xs); free(xsum);
 }
+
+/* exp(x) in float32 to ~1 ulp: 2^n * p(r) with n = round(x / ln 2) and Cephes' expf polynomial for r = x - n ln 2. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(104.f));  /* 0 and inf beyond */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 round_bf16_512(__m512 f) {  /* to the nearest bf16 (even on ties), kept in float32 */
+    __m512i u = _mm512_castps_si512(f);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* x * sigmoid(1.702 x) in place on n values (float32 or bfloat16), as the reference's three ops compute it: in a
+   bf16 tensor each op's result is rounded to bf16 (torch computes sigmoid as 1 / (1 + exp(-t)) in float32). */
+void quick_gelu(void *x, size_t n, int bf16, int threads) {
+    const size_t chunks = (n + 15) / 16;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        const size_t i = c * 16;
+        const __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v;
+        if (bf16) v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (uint16_t *)x + i)), 16));
+        else v = _mm512_maskz_loadu_ps(m, (float *)x + i);
+        __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(1.702f));
+        if (bf16) t = round_bf16_512(t);
+        __m512 sg = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                                     exp512(_mm512_sub_ps(_mm512_setzero_ps(), t))));
+        if (bf16) sg = round_bf16_512(sg);
+        const __m512 y = _mm512_mul_ps(sg, v);
+        if (bf16) _mm256_mask_storeu_epi16((uint16_t *)x + i, m,
+                                           _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16_512(y)), 16)));
+        else _mm512_mask_storeu_ps((float *)x + i, m, y);
+    }
+}
 #else
 int gemv_supported(void) { return 0; }  /* AVX-512 BW only for now: elsewhere torch's int8 kernel is used */
 void q4x4_gemv(void) {}
 void q8x4_gemv(void) {}
+void quick_gelu(void) {}
 #endif

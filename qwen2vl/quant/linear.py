@@ -62,6 +62,30 @@ class UpcastEmbedding(nn.Module):
         return self.weight[ids].to(self.dtype)  # (..., dim), as F.embedding
 
 
+class PackedLinear(nn.Module):
+    """A bf16 linear whose weight oneDNN reorders once, at load, into the blocked layout its matmul computes from
+    (F.linear reorders it on every call), with the bias added inside the matmul (addmm first copies it into the
+    output). The bf16 vision tower's linears: 448x448 image 3.7 vs 4.3 s (BENCHMARKS.md), the same numbers."""
+
+    ROWS = 1024  # the input rows oneDNN tunes the layout for (a 448x448 image); as fast at 290 and 4096 rows
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.ROWS)  # opaque layout
+        self.bias = linear.bias
+
+    @staticmethod
+    def supported(dtype: torch.dtype) -> bool:
+        return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and native.cpu_has_bf16_matmul() \
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, "none", [None], "")
+        return y.view(*shape[:-1], self.out_features)
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W group-quantized in a checkpoint format ("awq" or "gptq")."""
 

@@ -48,7 +48,7 @@ def library() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(SOURCE.read_bytes() + cc.encode() + " ".join(flags).encode() + _cpu_flags().encode())
     out = _cache_dir() / f"qwen2vl-kernels-{key.hexdigest()[:16]}.so"
     if not out.exists():
@@ -72,6 +72,10 @@ def library() -> ctypes.CDLL | None:
     lib.q4x4_dequant_t.restype = None
     lib.q8x4_gemv.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int]
     lib.q8x4_gemv.restype = None
+    lib.rotary_qk.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int]
+    lib.rotary_qk.restype = None
+    lib.quick_gelu.argtypes = [_P, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    lib.quick_gelu.restype = None
     lib.gemv_supported.restype = ctypes.c_int
     return lib
 
@@ -136,3 +140,22 @@ def q4x4_dequant_t(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     library().q4x4_dequant_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, out.data_ptr(),
                              int(out.dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qkv (N, 3, H, D) float32 or bfloat16, contiguous: q and k rotated in place by rope.apply_rotary's formula in
+    float32 (the same numbers as torch's ops), rounded back to qkv's dtype. cos, sin (N, 1, D) or (N, D) float32."""
+    N, three, H, D = qkv.shape
+    assert three == 3 and qkv.is_contiguous() and qkv.dtype in (torch.float32, torch.bfloat16) and D <= 512
+    cos, sin = cos.reshape(N, D), sin.reshape(N, D)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+    library().rotary_qk(qkv.data_ptr(), N, H, D, cos.data_ptr(), sin.data_ptr(), int(qkv.dtype == torch.bfloat16),
+                        torch.get_num_threads())
+    return qkv
+
+
+def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x) in place, x contiguous float32 or bfloat16 (AVX-512 only: see gemv_supported)."""
+    assert x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16)
+    library().quick_gelu(x.data_ptr(), x.numel(), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return x
