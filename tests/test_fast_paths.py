@@ -156,6 +156,19 @@ def test_native_quick_gelu_matches_torch():
     assert differ.sum() <= 8 and ((outb - refb).abs()[differ] <= refb.abs()[differ] * 2**-7).all()
 
 
+@needs_avx512
+def test_native_silu_mul_matches_torch():
+    """silu(gate) * up from a fused gate/up output in bf16: torch's float32 formula, rounded once to bf16."""
+    g = torch.Generator().manual_seed(0)
+    for M, I in [(290, 8960), (3, 37)]:  # 37: a row length that is not a multiple of 16
+        h = (torch.randn(M, 2 * I, generator=g) * 4).bfloat16()
+        gate, up = h.float().chunk(2, dim=-1)
+        ref = (torch.nn.functional.silu(gate) * up).bfloat16().float()
+        out = native.silu_mul_bf16(h).float()
+        differ = out != ref
+        assert differ.sum() <= 8 and ((out - ref).abs()[differ] <= ref.abs()[differ] * 2**-7).all()
+
+
 @pytest.mark.skipif(not PackedLinear.supported(torch.bfloat16), reason="needs bf16 matrix instructions and oneDNN")
 @pytest.mark.parametrize("rows", [7, 290, 1024])
 @pytest.mark.parametrize("bias", [True, False])

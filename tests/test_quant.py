@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen2vl import Qwen2VL
-from qwen2vl.quant import PackedLinear, QuantLinear, ScanHead, native
+from qwen2vl.quant import PackedLinear, PrefillMLP, QuantLinear, ScanHead, native
 from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
                                    pack_columns, quantize_rtn, unpack_columns)
 from tests.oracle import build_inputs, hf_logits, hf_model, tiny_checkpoint
@@ -280,6 +280,33 @@ def test_awq_model_matches_dense_transformers(awq_model, case, mode):
             break
     agreed = next((k for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), 16)
     print(f"{case} {mode}: greedy agreement {agreed}/16 steps")
+
+
+def test_prefill_mlp_equals_the_model_mlp(awq_model):
+    """Where the fused gate/up and the down projection prefill in bf16 with kernels.c, the fast model's MLPs keep the
+    gate/up output in bf16 and take silu(gate) * up in one native pass: the same bf16 products as the model's own MLP
+    (float32 silu, rounded to bf16 for the down projection), so the same logits up to float32 ulps in silu."""
+    _, fast, _, config, _ = awq_model
+    layers = fast.model.model.layers
+    for layer in layers:
+        mlp = layer.mlp.mlp if isinstance(layer.mlp, PrefillMLP) else layer.mlp
+        fused = getattr(mlp.gate_proj, "fused", None)
+        expected = fused is not None and fused.kernel == "q4x4" and fused.bulk_dtype == torch.bfloat16
+        assert isinstance(layer.mlp, PrefillMLP) == expected
+    if not isinstance(layers[0].mlp, PrefillMLP):
+        return  # gptq8 (reference kernel) or a CPU without the bf16 prefill: nothing swapped, as asserted
+    inputs = {k: v for k, v in build_inputs(CASES["text"], config["vocab_size"], seed=9).items()
+              if k != "mm_token_type_ids"}
+    swapped = [layer.mlp for layer in layers]
+    got = fast.logits(inputs)
+    try:
+        for layer in layers:
+            layer.mlp = layer.mlp.mlp
+        ref = fast.logits(inputs)
+    finally:
+        for layer, mlp in zip(layers, swapped):
+            layer.mlp = mlp
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
 def test_int4pack_unpack_recovers_levels():

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..text import MLP
 from ..vision import quick_gelu, rotate_qk
 from . import native
 from .head import ScanHead
 from .linear import PackedLinear, QuantLinear, UpcastEmbedding, UpcastLinear
+from .mlp import PrefillMLP
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,15 @@ def fuse(model: nn.Module) -> int:
     return n
 
 
+def prefill_mlps(model: nn.Module) -> int:
+    """After `fuse`: decoder MLPs whose fused gate/up and down projections prefill in bf16 with kernels.c become
+    PrefillMLPs (see quant/mlp.py). Returns how many."""
+    names = [name for name, m in model.named_modules() if isinstance(m, MLP) and PrefillMLP.applies(m)]
+    for name in names:
+        _replace(model, name, PrefillMLP(model.get_submodule(name)))
+    return len(names)
+
+
 def native_vision(visual: nn.Module) -> None:
     """After loading, CPU kernels for the vision tower (no-op without kernels.c): the rotary of q and k in place on
     the qkv output (the same numbers as the torch ops), quick_gelu in one pass (AVX-512; within a few float32 ulps,
@@ -122,5 +133,5 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return quick_gelu(x)
 
 
-__all__ = ["fuse", "native_vision", "PackedLinear", "QuantConfig", "QuantLinear", "ScanHead", "UpcastLinear",
+__all__ = ["fuse", "native_vision", "prefill_mlps", "PackedLinear", "PrefillMLP", "QuantConfig", "QuantLinear", "ScanHead", "UpcastLinear",
            "UpcastEmbedding", "swap_quantized", "swap_upcast", "prepare"]

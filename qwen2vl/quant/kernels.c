@@ -410,9 +410,32 @@ void quick_gelu(void *x, size_t n, int bf16, int threads) {
         else _mm512_mask_storeu_ps((float *)x + i, m, y);
     }
 }
+
+/* out (M, I) bfloat16 = silu(gate) * up for h (M, 2I) bfloat16 = [gate | up] (a fused gate/up projection's output):
+   in float32 as torch computes silu (x / (1 + exp(-x))) and the product, rounded once to bf16, the down
+   projection's input dtype. */
+void silu_mul_bf16(const uint16_t *h, int M, int I, uint16_t *out, int threads) {
+    const int chunks = (I + 15) / 16;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        for (int c = 0; c < chunks; c++) {
+            const int i = c * 16;
+            const __mmask16 k = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+            const uint16_t *g = h + (size_t)m * 2 * I + i, *u = g + I;
+            const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, g)), 16));
+            const __m512 uv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, u)), 16));
+            const __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                              exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            const __m512 y = round_bf16_512(_mm512_mul_ps(sg, uv));
+            _mm256_mask_storeu_epi16(out + (size_t)m * I + i, k,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
+        }
+    }
+}
 #else
 int gemv_supported(void) { return 0; }  /* AVX-512 BW only for now: elsewhere torch's int8 kernel is used */
 void q4x4_gemv(void) {}
 void q8x4_gemv(void) {}
 void quick_gelu(void) {}
+void silu_mul_bf16(void) {}
 #endif

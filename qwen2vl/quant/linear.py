@@ -209,7 +209,7 @@ class QuantLinear(nn.Module):
         if self.perm is not None:  # act-order: input features in group order
             x2 = x2[:, self.perm]
         if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: dequantize, then a dense matmul
-            y = self._dequantized_matmul(x2)
+            y = self.bulk_matmul(x2).to(x.dtype)
         elif self.kernel == "q4x4":  # decode: kernels.c, int16-rounded activations
             y = native.q4x4_gemv(x2, self.packed, self.scales, self.zeros).to(x.dtype)
         else:  # decode: torch's int4 kernel on bf16 activations
@@ -219,18 +219,19 @@ class QuantLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N): the weights dequantized by kernels.c into a reused buffer, in `bulk_dtype`
-        (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by torch ops in float32."""
+    def bulk_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized by kernels.c into a
+        reused buffer, in `bulk_dtype` (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by
+        torch ops in x's dtype."""
         N, K = self.out_features, self.in_features
         if self.kernel == "q4x4":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
             wt = native.q4x4_dequant_t(self.packed, self.scales, self.zeros, _scratch(K * N, self.bulk_dtype).view(K, N))
-            return torch.mm(x.to(wt.dtype), wt).to(x.dtype)
+            return torch.mm(x.to(wt.dtype), wt)
         B = int4pack_layout()[0]
         if native.library() is not None:
             wt = native.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
                                          self.group_size, _scratch(K * N, self.bulk_dtype).view(K, N))
-            return torch.matmul(x.to(wt.dtype), wt).to(x.dtype)
+            return torch.matmul(x.to(wt.dtype), wt)
         rows = max(B, (DEQUANT_BLOCK // K) // B * B)  # output features per block, whole packing blocks
         out = []
         for n0 in range(0, N, rows):

@@ -76,6 +76,8 @@ def library() -> ctypes.CDLL | None:
     lib.rotary_qk.restype = None
     lib.quick_gelu.argtypes = [_P, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
     lib.quick_gelu.restype = None
+    lib.silu_mul_bf16.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
+    lib.silu_mul_bf16.restype = None
     lib.gemv_supported.restype = ctypes.c_int
     return lib
 
@@ -159,3 +161,12 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
     assert x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16)
     library().quick_gelu(x.data_ptr(), x.numel(), int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return x
+
+
+def silu_mul_bf16(h: torch.Tensor) -> torch.Tensor:
+    """h (M, 2I) bfloat16 = [gate | up], contiguous -> silu(gate) * up (M, I) bfloat16 (AVX-512 only)."""
+    M, I2 = h.shape
+    assert h.dtype == torch.bfloat16 and h.is_contiguous() and I2 % 2 == 0
+    out = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
+    library().silu_mul_bf16(h.data_ptr(), M, I2 // 2, out.data_ptr(), torch.get_num_threads())
+    return out
