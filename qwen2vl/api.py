@@ -17,7 +17,7 @@ from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .memory import return_freed_memory
 from .model import Qwen2VLModel
 from .processor import Processor
-from .quant import QuantConfig, ScanHead, UpcastLinear, native, native_vision, prefill_mlps
+from .quant import QuantConfig, ScanHead, UpcastLinear, native, native_decode, native_vision, prefill_mlps
 from .quant import swap_quantized, swap_upcast
 from .quant import fuse as fuse_projections
 from .quant import prepare as prepare_quantized
@@ -112,6 +112,8 @@ class Qwen2VL:
         if cfg.quantization:
             fuse_projections(module)
             prefill_mlps(module.model)
+            if fast:
+                native_decode(module.model)
         if device.type == "cpu" and fast is not False:
             native_vision(module.visual)
         if isinstance(module.lm_head, ScanHead):

@@ -16,6 +16,7 @@ from ..vision import quick_gelu, rotate_qk
 from . import native
 from .head import ScanHead
 from .linear import PackedLinear, QuantLinear, UpcastEmbedding, UpcastLinear
+from .decode import NativeDecoderLayer
 from .mlp import PrefillMLP
 
 
@@ -105,6 +106,17 @@ def prefill_mlps(model: nn.Module) -> int:
     return len(names)
 
 
+def native_decode(text: nn.Module) -> int:
+    """After `fuse`: decoder layers whose projections all run kernels.c's q4x4 kernel decode one token in one
+    native call (quant/decode.py). Returns how many."""
+    n = 0
+    for i, layer in enumerate(text.layers):
+        if NativeDecoderLayer.applies(layer):
+            text.layers[i] = NativeDecoderLayer(layer)
+            n += 1
+    return n
+
+
 def native_vision(visual: nn.Module) -> None:
     """After loading, CPU kernels for the vision tower (no-op without kernels.c): the rotary of q and k in place on
     the qkv output (the same numbers as the torch ops), quick_gelu in one pass (AVX-512; within a few float32 ulps,
@@ -133,5 +145,6 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return quick_gelu(x)
 
 
-__all__ = ["fuse", "native_vision", "prefill_mlps", "PackedLinear", "PrefillMLP", "QuantConfig", "QuantLinear", "ScanHead", "UpcastLinear",
+__all__ = ["fuse", "native_decode", "native_vision", "prefill_mlps", "NativeDecoderLayer", "PackedLinear",
+           "PrefillMLP", "QuantConfig", "QuantLinear", "ScanHead", "UpcastLinear",
            "UpcastEmbedding", "swap_quantized", "swap_upcast", "prepare"]

@@ -1,0 +1,75 @@
+"""Decoding one token of one sequence with kernels.c's `decode_layer`: each decoder layer in one native call instead
+of ~40 torch ops, whose dispatch alone costs ~0.4 ms per layer (a sixth of a decode step on the 2B model).
+
+Swapped in after loading for layers whose projections all run kernels.c's q4x4 kernel (fused q/k/v with bias, fused
+gate/up). Any other call (prefill, batches, padding masks, another cache) runs the model's own layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from ..generate import KVCache
+from . import native
+from .linear import QuantLinear
+from .mlp import PrefillMLP
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class _Layer(ctypes.Structure):  # kernels.c's decode_layer_t
+    _fields_ = [(n, _I) for n in ("D", "H", "Hkv", "hd", "I", "cap")] + [("eps", ctypes.c_float)] + \
+        [(n, _P) for n in ("ln1", "ln2", "qkv_w", "o_w", "gu_w", "dn_w", "qkv_s", "o_s", "gu_s", "dn_s",
+                           "qkv_z", "o_z", "gu_z", "dn_z", "qkv_b")]
+
+
+def _parts(layer: nn.Module) -> tuple | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    mlp = mlp.mlp if isinstance(mlp, PrefillMLP) else mlp
+    return getattr(attn.q_proj, "fused", None), attn.o_proj, getattr(mlp.gate_proj, "fused", None), mlp.down_proj
+
+
+class NativeDecoderLayer(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        qkv, o, gu, dn = _parts(layer)
+        attn = layer.self_attn
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.struct = _Layer(D=o.out_features, H=attn.n_heads, Hkv=attn.n_kv, hd=attn.head_dim,
+                             I=dn.in_features, cap=0, eps=norms[0].eps,
+                             ln1=norms[0].weight.data_ptr(), ln2=norms[1].weight.data_ptr(),
+                             qkv_b=qkv.bias.data_ptr())
+        for name, p in zip(("qkv", "o", "gu", "dn"), (qkv, o, gu, dn)):  # pointers into the layers' own buffers
+            setattr(self.struct, name + "_w", p.packed.data_ptr())
+            setattr(self.struct, name + "_s", p.scales.data_ptr())
+            setattr(self.struct, name + "_z", p.zeros.data_ptr())
+
+    @staticmethod
+    def applies(layer: nn.Module) -> bool:
+        if native.library() is None or not native.gemv_supported():
+            return False
+        qkv, o, gu, dn = _parts(layer)
+        attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
+        return all(isinstance(p, QuantLinear) and p.kernel == "q4x4" and p.perm is None for p in (qkv, o, gu, dn)) \
+            and qkv.bias is not None and o.bias is None and gu.bias is None and dn.bias is None \
+            and attn.head_dim % 16 == 0 and attn.head_dim <= 512 and attn.n_heads % attn.n_kv == 0 \
+            and all(n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms) \
+            and gu.out_features == 2 * dn.in_features
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        if not (x.shape[:2] == (1, 1) and mask is None and isinstance(cache, KVCache) and x.dtype == torch.float32
+                and cache.k.dtype == torch.float32 and cache.k.shape[1] == 1 and cache.length < cache.k.shape[3]
+                and cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
+            return self.layer(x, cos, sin, mask, cache)
+        out = x.contiguous().clone()  # (1, 1, D), updated in place
+        i, s = self.layer.self_attn.layer, cache.k.stride(0) * 4  # this layer's (1, Hkv, cap, hd) cache, in bytes
+        self.struct.cap = cache.k.shape[3]
+        native.library().decode_layer(ctypes.byref(self.struct), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                      cache.k.data_ptr() + i * s, cache.v.data_ptr() + i * s, cache.length,
+                                      torch.get_num_threads())
+        return out
