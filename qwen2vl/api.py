@@ -76,7 +76,8 @@ class Qwen2VL:
             fast: a quantized checkpoint on CPU (default: on) takes the fast paths whose accuracy BENCHMARKS.md
                 states: the LM head scans an int8 copy and recomputes its best candidates exactly (greedy choices stay
                 exact), and on CPUs with bf16 matrix instructions (AMX, AVX512-BF16) the vision encoder and
-                prefill matmuls run in bf16. On CPU, any checkpoint's vision tower also runs its rotary and
+                prefill matmuls run in bf16; decoding one sequence runs each decoder layer in one native call
+                (quant.native_decode). On CPU, any checkpoint's vision tower also runs its rotary and
                 quick_gelu as native kernels (quant.native_vision; the same numbers to float32 ulps). False keeps
                 every matmul in float32 and every op in torch.
         """

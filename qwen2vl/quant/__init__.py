@@ -1,6 +1,8 @@
 """Quantized checkpoints and CPU fast paths, as layer swaps. The checkpoint decides: before loading, every nn.Linear
 whose `{name}.qweight` is in the checkpoint is swapped for a QuantLinear of the config's format; after loading, each
-picks its kernel once. `native_vision` swaps kernels.c's elementwise kernels into a loaded vision tower."""
+picks its kernel once. After loading, on CPU: `prefill_mlps` and `native_decode` swap decoder MLPs and layers for
+ones that run parts of prefill and decoding in kernels.c, `native_vision` its elementwise kernels into the vision
+tower."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from ..errors import ConfigError
 from ..text import MLP
 from ..vision import quick_gelu, rotate_qk
 from . import native
+from .decode import NativeDecoderLayer
 from .head import ScanHead
 from .linear import PackedLinear, QuantLinear, UpcastEmbedding, UpcastLinear
-from .decode import NativeDecoderLayer
 from .mlp import PrefillMLP
 
 

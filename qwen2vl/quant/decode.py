@@ -21,7 +21,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
 class _Layer(ctypes.Structure):  # kernels.c's decode_layer_t
-    _fields_ = [(n, _I) for n in ("D", "H", "Hkv", "hd", "I", "cap")] + [("eps", ctypes.c_float)] + \
+    _fields_ = [(n, _I) for n in ("D", "H", "Hkv", "hd", "I")] + [("eps", ctypes.c_float)] + \
         [(n, _P) for n in ("ln1", "ln2", "qkv_w", "o_w", "gu_w", "dn_w", "qkv_s", "o_s", "gu_s", "dn_s",
                            "qkv_z", "o_z", "gu_z", "dn_z", "qkv_b")]
 
@@ -40,7 +40,7 @@ class NativeDecoderLayer(nn.Module):
         attn = layer.self_attn
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self.struct = _Layer(D=o.out_features, H=attn.n_heads, Hkv=attn.n_kv, hd=attn.head_dim,
-                             I=dn.in_features, cap=0, eps=norms[0].eps,
+                             I=dn.in_features, eps=norms[0].eps,
                              ln1=norms[0].weight.data_ptr(), ln2=norms[1].weight.data_ptr(),
                              qkv_b=qkv.bias.data_ptr())
         for name, p in zip(("qkv", "o", "gu", "dn"), (qkv, o, gu, dn)):  # pointers into the layers' own buffers
@@ -68,8 +68,7 @@ class NativeDecoderLayer(nn.Module):
             return self.layer(x, cos, sin, mask, cache)
         out = x.contiguous().clone()  # (1, 1, D), updated in place
         i, s = self.layer.self_attn.layer, cache.k.stride(0) * 4  # this layer's (1, Hkv, cap, hd) cache, in bytes
-        self.struct.cap = cache.k.shape[3]
         native.library().decode_layer(ctypes.byref(self.struct), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                      cache.k.data_ptr() + i * s, cache.v.data_ptr() + i * s, cache.length,
-                                      torch.get_num_threads())
+                                      cache.k.data_ptr() + i * s, cache.v.data_ptr() + i * s, cache.k.shape[3],
+                                      cache.length, torch.get_num_threads())
         return out

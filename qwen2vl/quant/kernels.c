@@ -442,7 +442,7 @@ void silu_mul_bf16(const uint16_t *h, int M, int I, uint16_t *out, int threads) 
    differ from the torch path by float32 rounding.
    ------------------------------------------------------------------------------------------------------------ */
 typedef struct {
-    int D, H, Hkv, hd, I, cap;  /* hidden size, heads, kv heads, head dim, MLP size, cache capacity */
+    int D, H, Hkv, hd, I;  /* hidden size, heads, kv heads, head dim, MLP size */
     float eps;
     const float *ln1, *ln2;  /* (D,) */
     const uint8_t *qkv_w, *o_w, *gu_w, *dn_w;  /* q4x4 layouts: (H + 2 Hkv) hd x D, D x H hd, 2I x D, D x I */
@@ -478,7 +478,7 @@ static inline float dot512(const float *a, const float *b, int n) {  /* n % 16 =
 /* x (D,) float32 in place; cos, sin (hd,) for this position (sin sign-folded); kc, vc this layer's cache
    (Hkv, cap, hd), `pos` positions filled (this token's k, v are written at pos). hd % 16 == 0, hd <= 512. */
 void decode_layer(const decode_layer_t *L, float *x, const float *cos, const float *sin, float *kc, float *vc,
-                  int pos, int threads) {
+                  int cap, int pos, int threads) {
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, S = pos + 1;
     const int Nqkv = (H + 2 * Hkv) * hd;
     float *a = malloc(sizeof(float) * (size_t)(D > H * hd ? D : H * hd));
@@ -490,14 +490,14 @@ void decode_layer(const decode_layer_t *L, float *x, const float *cos, const flo
     for (int i = 0; i < Nqkv; i++) qkv[i] += L->qkv_b[i];
     for (int h = 0; h < H + Hkv; h++) rotary_row(qkv + h * hd, hd, cos, sin);  /* q's heads, then k's */
     for (int g = 0; g < Hkv; g++) {
-        memcpy(kc + ((size_t)g * L->cap + pos) * hd, qkv + (size_t)(H + g) * hd, sizeof(float) * hd);
-        memcpy(vc + ((size_t)g * L->cap + pos) * hd, qkv + (size_t)(H + Hkv + g) * hd, sizeof(float) * hd);
+        memcpy(kc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + g) * hd, sizeof(float) * hd);
+        memcpy(vc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + Hkv + g) * hd, sizeof(float) * hd);
     }
     const float scale = 1.f / sqrtf((float)hd);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < H; h++) {
         const int g = h / (H / Hkv);
-        const float *q = qkv + (size_t)h * hd, *k = kc + (size_t)g * L->cap * hd, *v = vc + (size_t)g * L->cap * hd;
+        const float *q = qkv + (size_t)h * hd, *k = kc + (size_t)g * cap * hd, *v = vc + (size_t)g * cap * hd;
         float *p = sc + (size_t)h * S, *out = att + (size_t)h * hd;
         float mx = -INFINITY, sum = 0.f;
         for (int t = 0; t < S; t++) { p[t] = dot512(q, k + (size_t)t * hd, hd) * scale; mx = p[t] > mx ? p[t] : mx; }

@@ -78,7 +78,7 @@ class PackedLinear(nn.Module):
     @staticmethod
     def supported(dtype: torch.dtype) -> bool:
         return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and native.cpu_has_bf16_matmul() \
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

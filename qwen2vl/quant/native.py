@@ -78,7 +78,7 @@ def library() -> ctypes.CDLL | None:
     lib.quick_gelu.restype = None
     lib.silu_mul_bf16.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
     lib.silu_mul_bf16.restype = None
-    lib.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int]
+    lib.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.decode_layer.restype = None
     lib.gemv_supported.restype = ctypes.c_int
     return lib
