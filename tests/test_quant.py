@@ -63,6 +63,24 @@ def test_round_trips(bits):
         assert torch.equal(q3, q) and torch.equal(z3, zeros)
 
 
+def test_native_awq_unpack_equals_torch_ops(monkeypatch):
+    """kernels.c's one-pass AWQ unpack-and-transpose gives the torch ops' levels (uneven tiles: K % 64, N % 128)."""
+    from qwen2vl.quant import formats, native
+
+    if native.library() is None:
+        pytest.skip("kernels.c needs a C compiler")
+    g = torch.Generator().manual_seed(0)
+    for K, N in [(1536, 256), (200, 136), (64, 8)]:
+        q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        zeros = torch.randint(0, 16, (1, N), generator=g).float()
+        qweight, qzeros = awq_pack(q, zeros)
+        fast = awq_unpack(qweight, qzeros, torch.ones(1, N), K)
+        monkeypatch.setattr(formats.native, "library", lambda: None)
+        slow = awq_unpack(qweight, qzeros, torch.ones(1, N), K)
+        monkeypatch.undo()
+        assert torch.equal(fast[0], q) and torch.equal(slow[0], q) and torch.equal(fast[2], slow[2])
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_rtn_quantization_error_is_bounded(seed):
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(seed))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import native
+
 # AutoAWQ GEMM: nibble i of a packed int32 holds logical column 8c + AWQ_ORDER[i]; logical column j sits in
 # nibble AWQ_REVERSE[j % 8].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -58,7 +60,10 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
     """AWQ GEMM tensors (qweight (K, N/8), qzeros (K/g, N/8), scales (K/g, N)) -> q (N, K), scales, zeros, g_idx."""
-    q = unpack_columns(qweight, 4, AWQ_ORDER).t().contiguous()
+    if qweight.device.type == "cpu" and native.library() is not None:  # the same levels, ~30x faster
+        q = native.awq_unpack_t(qweight, AWQ_ORDER)
+    else:
+        q = unpack_columns(qweight, 4, AWQ_ORDER).t().contiguous()
     zeros = unpack_columns(qzeros, 4, AWQ_ORDER)
     K = q.shape[1]
     return q, scales.float(), zeros.float(), torch.arange(K, device=q.device) // group_size

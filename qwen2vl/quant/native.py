@@ -80,6 +80,8 @@ def library() -> ctypes.CDLL | None:
     lib.silu_mul_bf16.restype = None
     lib.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.decode_layer.restype = None
+    lib.awq_unpack_t.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int]
+    lib.awq_unpack_t.restype = None
     lib.gemv_supported.restype = ctypes.c_int
     return lib
 
@@ -172,3 +174,14 @@ def silu_mul_bf16(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
     library().silu_mul_bf16(h.data_ptr(), M, I2 // 2, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def awq_unpack_t(qweight: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """An AWQ GEMM qweight (K, N/8) int32 on CPU -> the levels q (N, K) uint8, transposed (see formats.awq_unpack)."""
+    K, C = qweight.shape
+    assert qweight.dtype == torch.int32 and qweight.device.type == "cpu" and len(order) == 8
+    qweight = qweight.contiguous()
+    order_c = (ctypes.c_int * 8)(*order)
+    q = torch.empty(C * 8, K, dtype=torch.uint8)
+    library().awq_unpack_t(qweight.data_ptr(), K, C * 8, order_c, q.data_ptr(), torch.get_num_threads())
+    return q
