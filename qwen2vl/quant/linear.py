@@ -218,7 +218,6 @@ class QuantLinear(nn.Module):
         y = y.view(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
-
     def bulk_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized by kernels.c into a
         reused buffer, in `bulk_dtype` (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by
