@@ -36,17 +36,24 @@ class NativeDecoderLayer(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        qkv, o, gu, dn = _parts(layer)
         attn = layer.self_attn
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        self.struct = _Layer(D=o.out_features, H=attn.n_heads, Hkv=attn.n_kv, hd=attn.head_dim,
-                             I=dn.in_features, eps=norms[0].eps,
-                             ln1=norms[0].weight.data_ptr(), ln2=norms[1].weight.data_ptr(),
-                             qkv_b=qkv.bias.data_ptr())
-        for name, p in zip(("qkv", "o", "gu", "dn"), (qkv, o, gu, dn)):  # pointers into the layers' own buffers
-            setattr(self.struct, name + "_w", p.packed.data_ptr())
-            setattr(self.struct, name + "_s", p.scales.data_ptr())
-            setattr(self.struct, name + "_z", p.zeros.data_ptr())
+        self.struct = _Layer(D=attn.o_proj.out_features, H=attn.n_heads, Hkv=attn.n_kv, hd=attn.head_dim,
+                             I=_parts(layer)[3].in_features, eps=layer.input_layernorm.eps)
+        self._point()
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The struct's pointer fields and the tensors (the wrapped layer's own buffers) they point into."""
+        qkv, o, gu, dn = _parts(self.layer)
+        out = {"ln1": self.layer.input_layernorm.weight, "ln2": self.layer.post_attention_layernorm.weight,
+               "qkv_b": qkv.bias}
+        for name, p in zip(("qkv", "o", "gu", "dn"), (qkv, o, gu, dn)):
+            out.update({name + "_w": p.packed, name + "_s": p.scales, name + "_z": p.zeros})
+        return out
+
+    def _point(self) -> None:
+        self.tensors = self._tensors()  # held, so that no pointer the struct holds can dangle
+        for name, t in self.tensors.items():
+            setattr(self.struct, name, t.data_ptr())
 
     @staticmethod
     def applies(layer: nn.Module) -> bool:
@@ -64,8 +71,10 @@ class NativeDecoderLayer(nn.Module):
                 cache: KVCache | None) -> torch.Tensor:
         if not (x.shape[:2] == (1, 1) and mask is None and isinstance(cache, KVCache) and x.dtype == torch.float32
                 and cache.k.dtype == torch.float32 and cache.k.shape[1] == 1 and cache.length < cache.k.shape[3]
-                and cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
+                and cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous() and x.is_cpu):
             return self.layer(x, cos, sin, mask, cache)
+        if any(getattr(self.struct, n) != t.data_ptr() for n, t in self.tensors.items()):
+            self._point()  # a parameter's data was replaced in place (module.to()); `tensors` keeps the rest alive
         out = x.contiguous().clone()  # (1, 1, D), updated in place
         i, s = self.layer.self_attn.layer, cache.k.stride(0) * 4  # this layer's (1, Hkv, cap, hd) cache, in bytes
         native.library().decode_layer(ctypes.byref(self.struct), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
