@@ -26,7 +26,7 @@ class _Layer(ctypes.Structure):  # kernels.c's decode_layer_t
                            "qkv_z", "o_z", "gu_z", "dn_z", "qkv_b")]
 
 
-def _parts(layer: nn.Module) -> tuple | None:
+def _parts(layer: nn.Module) -> tuple:
     attn, mlp = layer.self_attn, layer.mlp
     mlp = mlp.mlp if isinstance(mlp, PrefillMLP) else mlp
     return getattr(attn.q_proj, "fused", None), attn.o_proj, getattr(mlp.gate_proj, "fused", None), mlp.down_proj

@@ -14,6 +14,67 @@ static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch do
     return (uint16_t)(u >> 16);
 }
 
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* y = x * cos + roll(x, D/2) * sin over one head of D values (rope.apply_rotary's formula; sin sign-folded), each
+   product and the sum rounded as torch's ops round them (-ffp-contract=off: no fused multiply-add). x != y. */
+static void rotate_row(const float *x, float *y, int D, const float *c, const float *s) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) y[i] = x[i] * c[i] + x[i + half] * s[i];
+    for (int i = half; i < D; i++) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+#include <math.h>
+#include <stdlib.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+static inline __m512 round_bf16_512(__m512 f) {  /* to the nearest bf16 (even on ties, as to_bf16), in float32 */
+    __m512i u = _mm512_castps_si512(f);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline __m256i to_bf16_512(__m512 f) {  /* 16 floats -> 16 bf16, rounded as to_bf16 */
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16_512(f)), 16));
+}
+
+static inline __m512 load_bf16_512(__mmask16 m, const uint16_t *p) {  /* the lanes of m: bf16 -> float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __mmask16 tail_mask(size_t left) {  /* the first min(left, 16) lanes */
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* exp(x) in float32 to ~1 ulp: 2^n * p(r) with n = round(x / ln 2) and Cephes' expf polynomial for r = x - n ln 2. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(104.f));  /* 0 and inf beyond */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 silu512(__m512 g) {  /* as torch computes silu: g / (1 + exp(-g)) */
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+#endif
+
 /* Wt (K, N) = (q - zero[g]) * scale[g] with g = k / group; scale, zero (G, N) float32; out float32 or bfloat16. */
 void q4pack_dequant_t(const uint8_t *packed, const float *scale, const float *zero, int N, int K, int B, int group,
                       void *out, int bf16, int threads) {
@@ -91,7 +152,6 @@ static void dequant_t_rows(const uint8_t *w, const uint16_t *scale, const uint8_
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
 /* 64 rows from n0 (a multiple of 4) for group g: each 4-byte gather across 16 rows gives 8 inputs' outputs for
    those rows; the four 16-row parts of an input are written together (128 contiguous bytes in bf16). */
 static void dequant_t_64(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
@@ -106,7 +166,6 @@ static void dequant_t_64(const uint8_t *w, const uint16_t *scale, const uint8_t 
     }
     for (int r = 0; r < 16; r++) idx[r] = (r / 4) * G * 256 + (r % 4) * 64;
     const __m512i vidx = _mm512_loadu_si512(idx), low = _mm512_set1_epi32(15);
-    const __m512i rnd = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
     for (int j = 0; j < 64; j += 4) {
         __m512i v[4];
         for (int c = 0; c < 4; c++)  /* bytes j..j+3 of rows n0 + 16c ... n0 + 16c + 15 */
@@ -120,16 +179,10 @@ static void dequant_t_64(const uint8_t *w, const uint16_t *scale, const uint8_t 
                 f[c] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(zv + 16 * c)),
                                      _mm512_loadu_ps(sv + 16 * c));
             }
-            if (bf16) {  /* round to nearest even, as to_bf16; two 64-byte lines, streamed past the caches */
-                __m256i h[4];
-                for (int c = 0; c < 4; c++) {
-                    __m512i u = _mm512_castps_si512(f[c]);
-                    u = _mm512_add_epi32(u, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-                    h[c] = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-                }
+            if (bf16) {  /* two 64-byte lines, streamed past the caches */
                 uint16_t *d = (uint16_t *)out + o;
-                const __m512i l0 = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);
-                const __m512i l1 = _mm512_inserti64x4(_mm512_castsi256_si512(h[2]), h[3], 1);
+                const __m512i l0 = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(f[0])), to_bf16_512(f[1]), 1);
+                const __m512i l1 = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(f[2])), to_bf16_512(f[3]), 1);
                 if (((uintptr_t)d & 63) == 0) {
                     _mm512_stream_si512((__m512i *)d, l0);
                     _mm512_stream_si512((__m512i *)(d + 32), l1);
@@ -173,18 +226,9 @@ void q4x4_dequant_t(const uint8_t *w, const uint16_t *scale, const uint8_t *zero
    The vision tower's elementwise work, in place on a linear's fresh output (float32 or bfloat16 rows).
    ------------------------------------------------------------------------------------------------------------ */
 
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Rotary on q and k of qkv (N, 3, H, D) in place: x * cos + roll(x, D/2) * sin per (row, head), in float32 with
-   each product and the sum rounded as torch's three ops are (-ffp-contract=off: no fused multiply-add), then
-   rounded to the tensor's dtype. cos, sin (N, D) float32, sin sign-folded (rope.py). */
+/* Rotary on q and k of qkv (N, 3, H, D) in place, per (row, head) by rotate_row in float32, then rounded to the
+   tensor's dtype. cos, sin (N, D) float32, sin sign-folded (rope.py). */
 void rotary_qk(void *qkv, int N, int H, int D, const float *cos, const float *sin, int bf16, int threads) {
-    const int half = D / 2;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const float *c = cos + (size_t)n * D, *s = sin + (size_t)n * D;
@@ -193,8 +237,7 @@ void rotary_qk(void *qkv, int N, int H, int D, const float *cos, const float *si
             float x[512], y[512];  /* D <= 512 */
             if (bf16) for (int i = 0; i < D; i++) x[i] = bf16_to_float(((uint16_t *)qkv)[o + i]);
             else memcpy(x, (float *)qkv + o, sizeof(float) * D);
-            for (int i = 0; i < half; i++) y[i] = x[i] * c[i] + x[i + half] * s[i];
-            for (int i = half; i < D; i++) y[i] = x[i] * c[i] + x[i - half] * s[i];
+            rotate_row(x, y, D, c, s);
             if (bf16) for (int i = 0; i < D; i++) ((uint16_t *)qkv)[o + i] = to_bf16(y[i]);
             else memcpy((float *)qkv + o, y, sizeof(float) * D);
         }
@@ -216,10 +259,7 @@ void rotary_qk(void *qkv, int N, int H, int D, const float *cos, const float *si
    Layout "q8x4": signed bytes (N/4, K/64, 4, 64), 4 rows interleaved 64 inputs at a time, and a float32 scale per
    row: W = q * scale.
    ------------------------------------------------------------------------------------------------------------ */
-#include <math.h>
-#include <stdlib.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
 #define QMAX_M 16
 
 int gemv_supported(void) { return 1; }
@@ -382,30 +422,6 @@ void q8x4_gemv(const float *x, int M, int K, int N, const int8_t *w, const float
     free(xq); free(xs); free(xsum);
 }
 
-/* exp(x) in float32 to ~1 ulp: 2^n * p(r) with n = round(x / ln 2) and Cephes' expf polynomial for r = x - n ln 2. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(104.f));  /* 0 and inf beyond */
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 round_bf16_512(__m512 f) {  /* to the nearest bf16 (even on ties), kept in float32 */
-    __m512i u = _mm512_castps_si512(f);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
-
 /* x * sigmoid(1.702 x) in place on n values (float32 or bfloat16), as the reference's three ops compute it: in a
    bf16 tensor each op's result is rounded to bf16 (torch computes sigmoid as 1 / (1 + exp(-t)) in float32). */
 void quick_gelu(void *x, size_t n, int bf16, int threads) {
@@ -413,19 +429,15 @@ void quick_gelu(void *x, size_t n, int bf16, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (size_t c = 0; c < chunks; c++) {
         const size_t i = c * 16;
-        const __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        __m512 v;
-        if (bf16) v = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (uint16_t *)x + i)), 16));
-        else v = _mm512_maskz_loadu_ps(m, (float *)x + i);
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 v = bf16 ? load_bf16_512(m, (uint16_t *)x + i) : _mm512_maskz_loadu_ps(m, (float *)x + i);
         __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(1.702f));
         if (bf16) t = round_bf16_512(t);
         __m512 sg = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f),
                                                                      exp512(_mm512_sub_ps(_mm512_setzero_ps(), t))));
         if (bf16) sg = round_bf16_512(sg);
         const __m512 y = _mm512_mul_ps(sg, v);
-        if (bf16) _mm256_mask_storeu_epi16((uint16_t *)x + i, m,
-                                           _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16_512(y)), 16)));
+        if (bf16) _mm256_mask_storeu_epi16((uint16_t *)x + i, m, to_bf16_512(y));
         else _mm512_mask_storeu_ps((float *)x + i, m, y);
     }
 }
@@ -439,15 +451,10 @@ void silu_mul_bf16(const uint16_t *h, int M, int I, uint16_t *out, int threads) 
     for (int m = 0; m < M; m++) {
         for (int c = 0; c < chunks; c++) {
             const int i = c * 16;
-            const __mmask16 k = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
-            const uint16_t *g = h + (size_t)m * 2 * I + i, *u = g + I;
-            const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, g)), 16));
-            const __m512 uv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, u)), 16));
-            const __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                                              exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-            const __m512 y = round_bf16_512(_mm512_mul_ps(sg, uv));
-            _mm256_mask_storeu_epi16(out + (size_t)m * I + i, k,
-                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
+            const __mmask16 k = tail_mask((size_t)(I - i));
+            const uint16_t *g = h + (size_t)m * 2 * I + i;
+            const __m512 y = _mm512_mul_ps(silu512(load_bf16_512(k, g)), load_bf16_512(k, g + I));
+            _mm256_mask_storeu_epi16(out + (size_t)m * I + i, k, to_bf16_512(y));
         }
     }
 }
@@ -480,14 +487,6 @@ static void rms_norm_row(const float *x, const float *w, int D, float eps, float
     for (i = 0; i < D; i++) y[i] = w[i] * (x[i] * r);
 }
 
-static void rotary_row(float *x, int hd, const float *c, const float *s) {
-    float t[512];
-    const int half = hd / 2;
-    memcpy(t, x, sizeof(float) * hd);
-    for (int i = 0; i < half; i++) x[i] = t[i] * c[i] + t[i + half] * s[i];
-    for (int i = half; i < hd; i++) x[i] = t[i] * c[i] + t[i - half] * s[i];
-}
-
 static inline float dot512(const float *a, const float *b, int n) {  /* n % 16 == 0 */
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
@@ -507,7 +506,11 @@ void decode_layer(const decode_layer_t *L, float *x, const float *cos, const flo
     rms_norm_row(x, L->ln1, D, L->eps, a);
     q4x4_gemv(a, 1, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
     for (int i = 0; i < Nqkv; i++) qkv[i] += L->qkv_b[i];
-    for (int h = 0; h < H + Hkv; h++) rotary_row(qkv + h * hd, hd, cos, sin);  /* q's heads, then k's */
+    for (int h = 0; h < H + Hkv; h++) {  /* q's heads, then k's */
+        float t[512];
+        memcpy(t, qkv + (size_t)h * hd, sizeof(float) * hd);
+        rotate_row(t, qkv + (size_t)h * hd, hd, cos, sin);
+    }
     for (int g = 0; g < Hkv; g++) {
         memcpy(kc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + g) * hd, sizeof(float) * hd);
         memcpy(vc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + Hkv + g) * hd, sizeof(float) * hd);
@@ -528,7 +531,7 @@ void decode_layer(const decode_layer_t *L, float *x, const float *cos, const flo
             vs = _mm512_add_ps(vs, e);
         }
         if (t < S) {
-            const __mmask16 m = (__mmask16)((1u << (S - t)) - 1);
+            const __mmask16 m = tail_mask((size_t)(S - t));
             const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_set1_ps(mx)));
             _mm512_mask_storeu_ps(p + t, m, e);
             vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(m, e));
@@ -545,11 +548,10 @@ void decode_layer(const decode_layer_t *L, float *x, const float *cos, const flo
     for (int i = 0; i < D; i++) x[i] += o[i];
     rms_norm_row(x, L->ln2, D, L->eps, a);
     q4x4_gemv(a, 1, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
-    for (int i = 0; i < I; i += 16) {  /* silu(gate) * up, as torch: gate / (1 + exp(-gate)) */
-        const __mmask16 m = I - i >= 16 ? 0xFFFF : (__mmask16)((1u << (I - i)) - 1);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gu + i), u = _mm512_maskz_loadu_ps(m, gu + I + i);
-        const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_mask_storeu_ps(gu + i, m, _mm512_mul_ps(sg, u));
+    for (int i = 0; i < I; i += 16) {  /* silu(gate) * up */
+        const __mmask16 m = tail_mask((size_t)(I - i));
+        _mm512_mask_storeu_ps(gu + i, m, _mm512_mul_ps(silu512(_mm512_maskz_loadu_ps(m, gu + i)),
+                                                      _mm512_maskz_loadu_ps(m, gu + I + i)));
     }
     q4x4_gemv(gu, 1, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
     for (int i = 0; i < D; i++) x[i] += o[i];
