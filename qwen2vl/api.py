@@ -8,46 +8,23 @@ from typing import Any, Iterator
 
 import torch
 
+from . import grounding, loader
 from .config import Qwen2VLConfig
+from .cpu import Plan
 from .datatypes import ModelInputs
 from .errors import CheckpointError
-from . import grounding
 from .generate import ChatResult, Generation, TextDelta, VisionCache, stream_text, usage
 from .inputs.messages import VIDEO_OPTIONS, as_batch
-from .memory import return_freed_memory
 from .model import Qwen2VLModel
 from .processor import Processor
-from .quant import QuantConfig, ScanHead, UpcastLinear, native, native_decode, native_vision, prefill_mlps
-from .quant import swap_quantized, swap_upcast
-from .quant import fuse as fuse_projections
-from .quant import prepare as prepare_quantized
 from .sampling import SamplingParams
-from .weights import RowReader, load_weights, resolve_checkpoint, tensor_names
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-# On CPU, images that set no size are capped at 512 visual tokens (~640x640; the checkpoint allows 16384, which
-# takes minutes on a CPU). A notice names each image it downscales; max_pixels (per item or call) overrides it.
-CPU_IMAGE_BUDGET = 512 * 28 * 28
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """None: float32 on CPU (bf16/fp16 matmuls are ~100x slower there), bfloat16 on accelerators."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
 
 class Qwen2VL:
     """A loaded Qwen2-VL model. `model` is the torch module; `config` the parsed config.json."""
 
-    def __init__(self, model: Qwen2VLModel, processor: Processor | None = None, path: Path | None = None):
-        self.model = model
+    def __init__(self, model: Qwen2VLModel, processor: Processor | None = None, path: Path | None = None,
+                 plan: Plan | None = None):
+        self.model, self.plan = model, plan  # plan: the paths chosen at load (qwen2vl.cpu.Plan; `qwen2vl info`)
         self.config: Qwen2VLConfig = model.cfg
         self._processor = processor
         self.path = path
@@ -73,61 +50,15 @@ class Qwen2VL:
             dtype: the compute dtype (and storage dtype of unquantized weights); default float32 on CPU, bfloat16
                 elsewhere. A quantized checkpoint's weights keep their own storage (see qwen2vl.quant).
             device: "cpu", "cuda", "cuda:1", ...
-            fast: a quantized checkpoint on CPU (default: on) takes the fast paths whose accuracy BENCHMARKS.md
-                states: the LM head scans an int8 copy and recomputes its best candidates exactly (greedy choices stay
-                exact), and on CPUs with bf16 matrix instructions (AMX, AVX512-BF16) the vision encoder and
-                prefill matmuls run in bf16; decoding one sequence runs each decoder layer in one native call
-                (quant.native_decode). On CPU, any checkpoint's vision tower also runs its rotary and
-                quick_gelu as native kernels (quant.native_vision; the same numbers to float32 ulps). False keeps
-                every matmul in float32 and every op in torch.
+            fast: a quantized checkpoint on CPU (default: on) takes the fast paths the load plan measures on this
+                machine (qwen2vl.cpu.plan; `qwen2vl info` prints it) and whose accuracy BENCHMARKS.md states: the LM
+                head scans an int8 copy and recomputes its best candidates exactly (greedy choices stay exact), the
+                vision encoder and prefill matmuls run in bf16 where bf16 measures faster than float32, and decoding
+                one sequence runs each decoder layer in one native call. False keeps every matmul in float32 and
+                every op to float32 rounding (quantized decode matmuls round activations to int16 per 128 inputs).
         """
-        ckpt = resolve_checkpoint(path_or_hub_id)
-        cfg = Qwen2VLConfig.from_file(ckpt)
-        device = torch.device(device)
-        if device.type == "cpu":
-            return_freed_memory()
-        compute = resolve_dtype(dtype, device)
-        with torch.device("meta"):  # nothing is allocated until the weights are loaded
-            module = Qwen2VLModel(cfg).to(compute)
-            if cfg.quantization:
-                # The checkpoint decides: its quantized linears are swapped in. On a CPU its 16-bit vision tower,
-                # embeddings and (tied) LM head stay 16-bit in memory, computed in float32 as they are used; the fast
-                # paths compute the vision tower in bf16 where the CPU has bf16 matrix instructions and scan the head.
-                stored = _DTYPES.get(str(cfg.torch_dtype))
-                cpu16 = device.type == "cpu" and compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
-                fast = cpu16 and fast is not False
-                bf16 = fast and native.cpu_has_bf16_matmul()
-                swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute,
-                               bulk_dtype=torch.bfloat16 if bf16 else None)
-                if cpu16:
-                    if bf16:
-                        module.visual.to(torch.bfloat16)  # the whole vision tower in bf16, as on a GPU
-                    else:
-                        swap_upcast(module.visual, stored, compute)
-                    swap_upcast(module.model, stored, compute)  # embed_tokens (decoder linears are quantized)
-                    head = ScanHead if fast else UpcastLinear
-                    module.lm_head = head(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
-        tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
-        load_weights(module, ckpt, device=device, tied=tied, progress=progress,
-                     on_module_loaded=prepare_quantized)  # each quantized layer converts as soon as it is loaded
-        if cfg.quantization:
-            fuse_projections(module)
-            prefill_mlps(module.model)
-            if fast:
-                native_decode(module.model)
-        if device.type == "cpu" and fast is not False:
-            native_vision(module.visual)
-        if isinstance(module.lm_head, ScanHead):
-            # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader):
-            # the loaded mapping is dropped, so its pages never count in RSS.
-            head_rows = RowReader.open(ckpt, ("lm_head.weight",) + (tied[1:] if tied else ()))
-            module.lm_head.use_rows(head_rows)
-            module.model.embed_tokens.use_rows(head_rows if tied else
-                                              RowReader.open(ckpt, ("model.embed_tokens.weight",)))
-        budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
-        processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() \
-            else None
-        return cls(module.eval(), processor, ckpt)
+        model, processor, ckpt, plan = loader.load(path_or_hub_id, dtype, device, fast, progress)
+        return cls(model, processor, ckpt, plan)
 
     @property
     def device(self) -> torch.device:

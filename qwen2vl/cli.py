@@ -1,4 +1,4 @@
-"""The `qwen2vl` command line: run | chat | serve | quantize.
+"""The `qwen2vl` command line: run | chat | serve | bench | quantize | info.
 
     qwen2vl run --image photo.jpg "What is in this picture?"
     qwen2vl chat
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "as a CPU user installs it); default: this one")
     b.add_argument("--append", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
 
+    info = sub.add_parser("info", help="this machine, its native kernels, and the plan a model would load with")
+    info.add_argument("--model", help="a checkpoint directory or hub id whose config.json the plan is made for")
+    info.add_argument("--exact", action="store_true", help="the plan with the fast paths off")
+
     q = sub.add_parser("quantize", help="write an AWQ (or GPTQ) checkpoint from a BF16/FP16/FP32 one")
     q.add_argument("src", help="source checkpoint directory")
     q.add_argument("dst", help="output directory")
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "quantize": cmd_quantize,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "info": cmd_info}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the user gets one clear line, not a traceback
@@ -326,6 +330,35 @@ def cmd_quantize(args) -> int:
     out = quantize_checkpoint(args.src, args.dst, method=args.method, bits=args.bits, group_size=args.group_size,
                               progress=True)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    """The machine, the native kernel levels it runs and the one in use, and (with --model) the load plan and why."""
+    import platform
+
+    import torch
+
+    from . import kernels
+    from .bench import machine
+
+    print(f"machine: {machine()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    levels = kernels.cpu_levels()
+    print(f"native kernel levels this CPU runs: {', '.join(levels)}; QWEN2VL_ISA={os.environ.get('QWEN2VL_ISA', '')!r}")
+    k = kernels.load()
+    print(f"native kernels: {k.isa + ' (' + str(k.path) + ')' if k else 'none: torch ops'}; compiler "
+          f"{kernels.compiler() or 'none'}")
+    if args.model:
+        from .config import Qwen2VLConfig
+        from .cpu import decide
+        from .loader import DTYPES
+        from .weights import resolve_checkpoint
+
+        cfg = Qwen2VLConfig.from_file(resolve_checkpoint(args.model))
+        applies = cfg.quantization is not None and DTYPES.get(str(cfg.torch_dtype)) in (torch.float16, torch.bfloat16)
+        plan = decide(cfg, torch.device("cpu"), torch.float32, False if args.exact else None, applies)
+        print(f"plan for {args.model}:\n{plan.describe()}")
     return 0
 
 

@@ -36,7 +36,7 @@ class Processor:
                  policy: MediaPolicy | None = None, image_budget: int | None = None, **defaults: Any):
         self.tokenizer = tokenizer
         # max_pixels for images that set no size (no max_pixels or resized_* in the item, call or defaults); an
-        # image it downscales gets a one-line notice. Qwen2VL sets a CPU budget (see api.CPU_IMAGE_BUDGET).
+        # image it downscales gets a one-line notice. Qwen2VL sets a CPU budget (see loader.CPU_IMAGE_BUDGET).
         self.image_budget = image_budget
         self.template = template
         self.spec = spec

@@ -1,24 +1,18 @@
 """The Qwen2 text decoder (spec section 6.2): pre-RMSNorm blocks with GQA attention (q/k/v biases) under M-RoPE,
 and a SwiGLU MLP. Parameter names follow the checkpoints (`model.layers.{i}.self_attn.q_proj`, ...).
 
-The KV cache is not owned here: generation passes an object with `update(layer, k, v) -> (k_all, v_all)`.
+The KV cache (cache.KVCache) is not owned here: generation passes it in.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache
 from .config import TextConfig
 from .rope import apply_rotary
-
-
-class KVCache(Protocol):
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, L, D) of `layer`; return all keys/values so far (B, Hkv, S, D)."""
 
 
 def fanout(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:

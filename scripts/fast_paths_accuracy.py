@@ -18,7 +18,7 @@ import torch
 
 from qwen2vl import Qwen2VL
 from qwen2vl.datatypes import ModelInputs
-from qwen2vl.generate import KVCache
+from qwen2vl.cache import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,3 +15,17 @@ def assets() -> Path:
             pytest.fail(f"test assets not found at {ASSETS} (CI must have ../shared/assets)")
         pytest.skip(f"test assets not found at {ASSETS}: set QWEN2VL_ASSETS to the shared/assets folder")
     return ASSETS
+
+
+@pytest.fixture(params=["avx512", "avx2", "neon", "generic"])
+def native(request):
+    """The native kernels at each ISA level (every variant this CPU can run is checked against the reference)."""
+    from qwen2vl import kernels
+
+    if request.param not in kernels.cpu_levels():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    k = kernels.load(request.param)
+    if k is None:
+        pytest.skip("the native kernels need a C compiler (and QWEN2VL_NATIVE not 0)")
+    assert k.isa == request.param
+    return k

@@ -1,37 +1,32 @@
-"""The CPU fast paths: the LM head's int8 scan with exact refinement (its greedy choice must be the exact one),
-kernels.c's int8 scan kernel, its prefill dequantization and vision kernels, oneDNN-prepacked linears, and the
-default CPU image budget."""
+"""The CPU fast paths: the LM head's int8 scan with exact refinement (its greedy choice must be the exact one), the
+native kernels at every ISA level this CPU runs (int8 scan, prefill dequantization, vision and MLP elementwise
+kernels) against the reference, oneDNN-prepacked linears, and the default CPU image budget."""
 
 import logging
 
 import pytest
 import torch
 
-from qwen2vl.quant import PackedLinear, ScanHead, native
-from qwen2vl.quant import head as head_module
-from qwen2vl.quant.formats import dequantize
+from qwen2vl import kernels
+from qwen2vl.cpu import PackedLinear, ScanHead
+from qwen2vl.cpu import head as head_module
+from qwen2vl.quant.formats import dequantize, q4x4_pack
 from qwen2vl.rope import vision_cos_sin
 from qwen2vl.vision import quick_gelu, rotate_qk
 
-needs_library = pytest.mark.skipif(native.library() is None, reason="kernels.c needs a C compiler (QWEN2VL_NATIVE)")
-needs_avx512 = pytest.mark.skipif(not native.gemv_supported(), reason="kernels.c's AVX-512 kernels need AVX-512 BW")
 
-BACKENDS = ["native", "torch"]
-
-
-@pytest.fixture(params=BACKENDS)
-def scan_backend(request, monkeypatch):
-    if request.param == "native" and not native.gemv_supported():
-        pytest.skip("kernels.c's decode kernels need AVX-512 BW and a C compiler")
-    if request.param == "torch":
-        monkeypatch.setattr(native, "gemv_supported", lambda: False)
-    return request.param
+@pytest.fixture(params=["native", "torch"])
+def scan_backend(request):
+    """The head's scan through the native q8x4 kernel (this CPU's best level), or torch's int8 kernel."""
+    if request.param == "native" and kernels.load() is None:
+        pytest.skip("the native kernels need a C compiler (and QWEN2VL_NATIVE not 0)")
+    return kernels.load() if request.param == "native" else None
 
 
-def make_head(V, D, seed=0, spread=0.02):
+def make_head(V, D, seed=0, spread=0.02, kernels=None):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(V, D, generator=g) * spread).half()
-    head = ScanHead(D, V, False, torch.float16)
+    head = ScanHead(D, V, False, torch.float16, kernels=kernels)
     head.weight = torch.nn.Parameter(w, requires_grad=False)
     head.quantize(iter(w.split(64)))
     return head, w
@@ -42,8 +37,8 @@ def test_scan_head_greedy_is_exact(scan_backend, rows):
     """Argmax of the returned logits equals the float32 argmax on every row; the scan's top REFINE logits are the
     float32 ones; every other logit lies within the scan's stated bound of the float32 value."""
     V, D = 4096, 256
-    head, w = make_head(V, D)
-    assert head.native == (scan_backend == "native")
+    head, w = make_head(V, D, kernels=scan_backend)
+    assert head.native == (scan_backend is not None)
     for seed in range(20):
         x = torch.randn(rows, D, generator=torch.Generator().manual_seed(100 + seed))
         ref = x @ w.float().t()
@@ -60,12 +55,12 @@ def test_scan_head_widens_on_flat_logits(scan_backend):
     """Logits with a hundred near-ties at the top cannot be settled by the first REFINE tokens' bound: the head
     refines more (or all) and still returns the exact argmax."""
     V, D = 4096, 128
-    head, w = make_head(V, D, seed=1)
+    head, w = make_head(V, D, seed=1, kernels=scan_backend)
     base = torch.randn(D, generator=torch.Generator().manual_seed(2))
     w2 = w.float().clone()
     w2[:300] = base.half().float() / base.norm() ** 2 * 3  # 300 rows with logit exactly ~3 for x = base
     w2[:300] += torch.randn(300, D, generator=torch.Generator().manual_seed(3)) * 1e-4
-    head, _ = make_head(V, D)
+    head, _ = make_head(V, D, kernels=scan_backend)
     head.weight = torch.nn.Parameter(w2.half(), requires_grad=False)
     head.quantize(iter(w2.half().split(64)))
     x = base[None]
@@ -94,9 +89,7 @@ def test_scan_head_many_rows_is_exact():
     assert torch.allclose(head(x), x @ w.float().t(), atol=1e-5)
 
 
-def test_q8x4_gemv_matches_reference():
-    if not native.gemv_supported():
-        pytest.skip("kernels.c's decode kernels need AVX-512 BW and a C compiler")
+def test_q8x4_gemv_matches_reference(native):
     g = torch.Generator().manual_seed(0)
     N, K = 520, 384
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
@@ -110,17 +103,16 @@ def test_q8x4_gemv_matches_reference():
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
 
 
-@needs_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K", [(256, 384), (68, 128), (200, 1536)])  # N % 64 == 4 and 8: the rows left over
-def test_q4x4_dequant_t_is_exact(N, K, dtype):
+def test_q4x4_dequant_t_is_exact(N, K, dtype, native):
     """W^T for the prefill matmul: exactly the reference dequantization (q - zero) * scale, rounded to `dtype`."""
     g = torch.Generator().manual_seed(N)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
     scales = torch.rand(K // 128, N, generator=g).half().float()
     zeros = torch.randint(0, 16, (K // 128, N), generator=g).float()
     ref = dequantize(q, scales, zeros, torch.arange(K) // 128).to(dtype)
-    wt = native.q4x4_dequant_t(*native.q4x4_pack(q, scales, zeros), torch.empty(K, N, dtype=dtype))
+    wt = native.q4x4_dequant_t(*q4x4_pack(q, scales, zeros), torch.empty(K, N, dtype=dtype))
     assert torch.equal(wt, ref.t())
 
 
@@ -130,9 +122,8 @@ def _qkv(dtype, N=300, H=4, D=80):
     return (torch.randn(N, 3, H, D, generator=g) * 3).to(dtype), cos, sin
 
 
-@needs_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_vision_rotary_equals_torch(dtype):
+def test_native_vision_rotary_equals_torch(dtype, native):
     """The in-place kernel gives the torch formula's numbers bit for bit (same float32 ops, same rounding)."""
     qkv, cos, sin = _qkv(dtype)
     ref = rotate_qk(qkv, cos, sin)
@@ -141,8 +132,7 @@ def test_native_vision_rotary_equals_torch(dtype):
         assert torch.equal(a, b)
 
 
-@needs_avx512
-def test_native_quick_gelu_matches_torch():
+def test_native_quick_gelu_matches_torch(native):
     """One pass with its own exp: float32 within 1e-6 relative of torch's three ops; bf16 rounds each step as torch
     does, so at most a few values of millions differ, by at most one bf16 step."""
     g = torch.Generator().manual_seed(0)
@@ -156,8 +146,7 @@ def test_native_quick_gelu_matches_torch():
     assert differ.sum() <= 8 and ((outb - refb).abs()[differ] <= refb.abs()[differ] * 2**-7).all()
 
 
-@needs_avx512
-def test_native_silu_mul_matches_torch():
+def test_native_silu_mul_matches_torch(native):
     """silu(gate) * up from a fused gate/up output in bf16: torch's float32 formula, rounded once to bf16."""
     g = torch.Generator().manual_seed(0)
     for M, I in [(290, 8960), (3, 37)]:  # 37: a row length that is not a multiple of 16
@@ -169,7 +158,8 @@ def test_native_silu_mul_matches_torch():
         assert differ.sum() <= 8 and ((out - ref).abs()[differ] <= ref.abs()[differ] * 2**-7).all()
 
 
-@pytest.mark.skipif(not PackedLinear.supported(torch.bfloat16), reason="needs bf16 matrix instructions and oneDNN")
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+                    reason="needs torch built with oneDNN")
 @pytest.mark.parametrize("rows", [7, 290, 1024])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_matches_linear(rows, bias):

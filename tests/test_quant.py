@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen2vl import Qwen2VL
+from qwen2vl import Qwen2VL, kernels
+from qwen2vl.cpu import NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
 from qwen2vl.datatypes import ModelInputs
 from qwen2vl.generate import Generation
-from qwen2vl.quant import NativeDecoderLayer, PackedLinear, PrefillMLP, QuantLinear, ScanHead, native
+from qwen2vl.quant import QuantLinear
 from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
                                    pack_columns, quantize_rtn, unpack_columns)
 from tests.oracle import build_inputs, hf_logits, hf_model, tiny_checkpoint
@@ -63,21 +64,15 @@ def test_round_trips(bits):
         assert torch.equal(q3, q) and torch.equal(z3, zeros)
 
 
-def test_native_awq_unpack_equals_torch_ops(monkeypatch):
-    """kernels.c's one-pass AWQ unpack-and-transpose gives the torch ops' levels (uneven tiles: K % 64, N % 128)."""
-    from qwen2vl.quant import formats, native
-
-    if native.library() is None:
-        pytest.skip("kernels.c needs a C compiler")
+def test_native_awq_unpack_equals_torch_ops(native):
+    """The native one-pass AWQ unpack-and-transpose gives the torch ops' levels (uneven tiles: K % 64, N % 128)."""
     g = torch.Generator().manual_seed(0)
     for K, N in [(1536, 256), (200, 136), (64, 8)]:
         q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
         zeros = torch.randint(0, 16, (1, N), generator=g).float()
         qweight, qzeros = awq_pack(q, zeros)
-        fast = awq_unpack(qweight, qzeros, torch.ones(1, N), K)
-        monkeypatch.setattr(formats.native, "library", lambda: None)
+        fast = awq_unpack(qweight, qzeros, torch.ones(1, N), K, native)
         slow = awq_unpack(qweight, qzeros, torch.ones(1, N), K)
-        monkeypatch.undo()
         assert torch.equal(fast[0], q) and torch.equal(slow[0], q) and torch.equal(fast[2], slow[2])
 
 
@@ -123,21 +118,21 @@ def make_layer(fmt, bits, K, N, act_order=False, bias=True, seed=0):
 
 
 LAYERS = [("awq", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("gptq", 8, False)]
-BACKENDS = ["q4x4", "int4_cpu", "int4_cpu-torch"]  # kernels.c's decode kernel; torch's int4 kernel (+kernels.c
-# dequantization for prefill, or torch ops alone)
+# The native q4x4 kernels at each ISA level; torch's int4 kernel with native dequantization for prefill, or with
+# torch ops alone.
+BACKENDS = ["q4x4-avx512", "q4x4-avx2", "q4x4-neon", "q4x4-generic", "int4_cpu", "int4_cpu-torch"]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    from qwen2vl.quant import native
-
-    if request.param == "q4x4" and not native.gemv_supported():
-        pytest.skip("kernels.c's decode kernels need AVX-512 BW and a C compiler")
-    if request.param != "q4x4":
-        monkeypatch.setattr(native, "gemv_supported", lambda: False)
-    if request.param == "int4_cpu-torch":
-        monkeypatch.setattr(native, "library", lambda: None)
-    return request.param
+def backend(request):
+    """(kernel, kernels) for QuantLinear.prepare."""
+    kernel, _, level = request.param.partition("-")
+    if kernel == "q4x4" and level not in kernels.cpu_levels():
+        pytest.skip(f"this CPU cannot run the {level} kernels")
+    native = None if level == "torch" else kernels.load(level or None)
+    if native is None and level != "torch":
+        pytest.skip("the native kernels need a C compiler (and QWEN2VL_NATIVE not 0)")
+    return kernel, native
 
 
 @pytest.mark.parametrize("fmt, bits, act_order", LAYERS)
@@ -147,16 +142,17 @@ def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch, backend):
     """The chosen kernel against dequantize-then-matmul in float32.
 
     Tolerances (relative, in norm): for up to 16 rows (decode) torch's int4 CPU kernel runs on bf16 activations and
-    returns bf16 (cpu-notes: its fp32 path is ~30x slower), 2^-9 rounding in and out: <= 1e-2. kernels.c's q4x4
-    kernel rounds activations to int16 per 128 inputs (2^-16 of the block's largest value): <= 1e-4. Larger inputs
+    returns bf16 (cpu-notes: its fp32 path is ~30x slower), 2^-9 rounding in and out: <= 1e-2. The native q4x4
+    kernels round activations to int16 per 128 inputs (2^-16 of the block's largest value): <= 1e-4. Larger inputs
     (prefill, batch 64 here) dequantize and compute in float32, as does the reference kernel (8-bit, or where the
     int4 kernels do not apply): <= 1e-5."""
+    kernel, native = backend
     layer = make_layer(fmt, bits, K, N, act_order)
     x = torch.randn(batch, K, generator=torch.Generator().manual_seed(1))
     ref = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
-    layer.prepare()
-    expected_kernel = backend.split("-")[0] if bits == 4 and N % 16 == 0 else "reference"  # N = 136: the fallback
-    assert layer.kernel == expected_kernel
+    layer.prepare(kernel, native)
+    fits = N % 4 == 0 if kernel == "q4x4" else N % 16 == 0  # N = 136: torch's packing falls back
+    assert layer.kernel == (kernel if bits == 4 and fits else "reference")
     y = layer(x)
     rel = ((y - ref).norm() / ref.norm()).item()
     tol = 1e-5 if layer.kernel == "reference" or batch > 16 else 1e-2 if layer.kernel == "int4_cpu" else 1e-4
@@ -167,18 +163,15 @@ def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch, backend):
 
 @pytest.mark.parametrize("batch", [1, 5, 40])
 def test_bf16_prefill_and_fused_projections(batch, backend):
-    """Fused q/k/v layers equal the separate ones; with bf16 bulk matmuls (AMX / AVX512-BF16 machines), inputs of
-    more than 16 rows round activations and dequantized weights to bf16: relative error <= 1e-2."""
-    from qwen2vl.quant import native
-
-    if backend == "int4_cpu-torch":
-        pytest.skip("bf16 prefill needs kernels.c's dequantization")
+    """Fused q/k/v layers equal the separate ones; with bf16 bulk matmuls (where the plan measures them faster),
+    inputs of more than 16 rows round activations and dequantized weights to bf16: relative error <= 1e-2."""
+    kernel, native = backend
     parts = [make_layer("awq", 4, 256, n, seed=i) for i, n in enumerate((128, 64, 64))]
     x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(2))
     refs = [torch.nn.functional.linear(x, p.dequantize(), p.bias) for p in parts]
     for p in parts:
         p.bulk_dtype = torch.bfloat16
-        p.prepare()
+        p.prepare(kernel, native)
     separate = [p(x) for p in parts]
     fused = QuantLinear.concat(parts)
     assert fused is not None and all(p.kernel == "fused" for p in parts)
@@ -186,7 +179,7 @@ def test_bf16_prefill_and_fused_projections(batch, backend):
     for a, b, ref in zip(separate, together, refs):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
         rel = ((b - ref).norm() / ref.norm()).item()
-        assert rel <= (1e-2 if batch > 16 or backend == "int4_cpu" else 1e-4), rel
+        assert rel <= (1e-2 if batch > 16 or kernel == "int4_cpu" else 1e-4), rel
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,9 +197,10 @@ def awq_model(request, tmp_path_factory):
     assert main(["quantize", str(src), str(root / "awq"), "--method", method, "--bits", str(bits)]) == 0
     ours = Qwen2VL.from_pretrained(root / "awq", progress=False, fast=False)
     fast = Qwen2VL.from_pretrained(root / "awq", progress=False)
-    kernel = ("q4x4" if native.gemv_supported() else "int4_cpu") if bits == 4 else "reference"
-    kernels = {m.kernel for m in ours.model.modules() if isinstance(m, QuantLinear)}
-    assert kernels == ({kernel, "fused"} if bits == 4 else {kernel})
+    kernel = "q4x4" if bits == 4 and ours.plan.isa else "reference"  # fast=False: never bf16 activations
+    assert ours.plan.decode == ("float32" if ours.plan.isa else "reference")
+    used = {m.kernel for m in ours.model.modules() if isinstance(m, QuantLinear)}
+    assert used == ({kernel, "fused"} if kernel == "q4x4" else {kernel})
     hf = hf_model(config, seed=0)
     state = load_file(str(root / "awq" / "model.safetensors"))
     dense = {}
@@ -249,10 +243,10 @@ def test_awq_checkpoint_layout(assets, tmp_path):
     assert not any(k.startswith("visual.") and k.endswith("qweight") for k in keys)
     assert ours.model.visual.blocks[0].attn.qkv.weight.dtype == torch.float16  # stored 16-bit, computed fp32
     # the fast paths: the vision tower in bf16 where the CPU has bf16 matrix instructions; the head's int8 scan
-    fast_vision = torch.bfloat16 if native.cpu_has_bf16_matmul() else torch.float16
+    fast_vision = torch.bfloat16 if fast.plan.vision_dtype == torch.bfloat16 else torch.float16
     assert fast.model.visual.blocks[0].attn.qkv.weight.dtype == fast_vision
     # ... with its linears' weights prepacked for oneDNN where its bf16 matmul applies
-    assert isinstance(fast.model.visual.blocks[0].attn.qkv, PackedLinear) == PackedLinear.supported(fast_vision)
+    assert isinstance(fast.model.visual.blocks[0].attn.qkv, PackedLinear) == (fast.plan.vision_linear == "packed")
     assert isinstance(fast.model.lm_head, ScanHead) and not isinstance(ours.model.lm_head, ScanHead)
 
 
@@ -284,7 +278,7 @@ def test_awq_model_matches_dense_transformers(awq_model, case, mode):
     got = ours.logits({k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
     scale = ref.abs().max().item()
     diff = (got - ref).abs().max().item()
-    bf16 = mode == "fast" and native.cpu_has_bf16_matmul()
+    bf16 = mode == "fast" and torch.bfloat16 in (fast.plan.vision_dtype, fast.plan.prefill_dtype)
     print(f"{case} {mode}: max |logit diff| {diff:.2e} (scale {scale:.2f})")
     assert diff <= (FAST_LOGITS_TOL * scale if bf16 else 1e-4)
     with torch.no_grad():
@@ -302,8 +296,23 @@ def test_awq_model_matches_dense_transformers(awq_model, case, mode):
     print(f"{case} {mode}: greedy agreement {agreed}/16 steps")
 
 
+def test_exact_mode_matches_dense_at_decode_sizes(awq_model):
+    """fast=False is float32-exact for every shape: a prompt of at most 16 tokens (decode-sized matmuls) is
+    dequantized to float32 as a long one is (never int16- or bf16-rounded activations): logits within 1e-4 of
+    transformers holding the dequantized weights, for int4, int8 and act-order checkpoints alike."""
+    exact, _, hf, config, _ = awq_model
+    inputs = build_inputs([[("text", 10)]], config["vocab_size"], seed=11)
+    assert inputs["input_ids"].shape[1] <= 16
+    assert not any(m.kernel == "int4_cpu" for m in exact.model.modules() if isinstance(m, QuantLinear))
+    ref = hf_logits(hf, inputs)
+    got = exact.logits({k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
+    diff = (got - ref).abs().max().item()
+    print(f"decode-sized prompt, fast=False: max |logit diff| {diff:.2e} (scale {ref.abs().max().item():.2f})")
+    assert diff <= 1e-4
+
+
 def test_prefill_mlp_equals_the_model_mlp(awq_model):
-    """Where the fused gate/up and the down projection prefill in bf16 with kernels.c, the fast model's MLPs keep the
+    """Where the fused gate/up and the down projection prefill in bf16 with the native kernels, the fast model's MLPs keep the
     gate/up output in bf16 and take silu(gate) * up in one native pass: the same bf16 products as the model's own MLP
     (float32 silu, rounded to bf16 for the down projection), so the same logits up to float32 ulps in silu."""
     _, fast, _, config, _ = awq_model
@@ -314,7 +323,7 @@ def test_prefill_mlp_equals_the_model_mlp(awq_model):
         expected = fused is not None and fused.kernel == "q4x4" and fused.bulk_dtype == torch.bfloat16
         assert isinstance(layer.mlp, PrefillMLP) == expected
     if not isinstance(layers[0].mlp, PrefillMLP):
-        return  # gptq8 (reference kernel) or a CPU without the bf16 prefill: nothing swapped, as asserted
+        pytest.skip("nothing swapped, as asserted: gptq8 (reference kernel) or a float32 prefill plan")
     inputs = {k: v for k, v in build_inputs(CASES["text"], config["vocab_size"], seed=9).items()
               if k != "mm_token_type_ids"}
     swapped = [layer.mlp for layer in layers]
@@ -330,18 +339,18 @@ def test_prefill_mlp_equals_the_model_mlp(awq_model):
 
 
 def test_native_decode_equals_the_model_layers(awq_model):
-    """Where every projection runs kernels.c's q4x4 kernel, the fast model decodes one sequence with one native call
+    """Where every projection runs the native q4x4 kernel, the fast model decodes one sequence with one native call
     per layer: the same greedy tokens as the model's own layers, and logprobs within 1e-3 of their scale. RMSNorm's
     and attention's sums (and exp) run in another order than torch's, and where that moves an activation across the
     next matmul's int16 rounding (steps of 2^-16 of a block's largest value) a layer's output differs by up to
     ~2e-5 relative (2B shape; often 0 with one key); over 12 steps of the tiny model, measured 1.3e-4."""
     _, fast, _, config, _ = awq_model
     text = fast.model.model
-    expected = native.gemv_supported() and {m.kernel for m in fast.model.modules() if isinstance(m, QuantLinear)} \
-        == {"q4x4", "fused"}
+    expected = fast.plan.decode == "native-layer" and \
+        {m.kernel for m in fast.model.modules() if isinstance(m, QuantLinear)} == {"q4x4", "fused"}
     assert all(isinstance(layer, NativeDecoderLayer) == expected for layer in text.layers)
     if not expected:
-        return  # gptq8 (reference kernel) or no AVX-512: the model's own layers, as asserted
+        pytest.skip("this checkpoint or plan has no one-call decode layers (gptq8, or no native kernels)")
     inputs = {k: v for k, v in build_inputs(CASES["image"], config["vocab_size"], seed=10).items()
               if k != "mm_token_type_ids"}
     params = fast.sampling(max_new_tokens=12, min_new_tokens=12, temperature=0, logprobs=True, top_logprobs=5)

@@ -1,8 +1,7 @@
-"""Quantized checkpoints and CPU fast paths, as layer swaps. The checkpoint decides: before loading, every nn.Linear
-whose `{name}.qweight` is in the checkpoint is swapped for a QuantLinear of the config's format; after loading, each
-picks its kernel once. After loading, on CPU: `prefill_mlps` and `native_decode` swap decoder MLPs and layers for
-ones that run parts of prefill and decoding in kernels.c, `native_vision` its elementwise kernels into the vision
-tower."""
+"""Quantized checkpoints, as layer swaps. The checkpoint decides: before loading, every nn.Linear whose
+`{name}.qweight` is in the checkpoint is swapped for a QuantLinear of the config's format; after loading, each
+converts its tensors once for the kernel the load plan names. Nothing here knows the model's structure (linears that
+share an input are found through their parent's `fanouts`) or the CPU's capabilities."""
 
 from __future__ import annotations
 
@@ -13,13 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..text import MLP
-from ..vision import quick_gelu, rotate_qk
-from . import native
-from .decode import NativeDecoderLayer
-from .head import ScanHead
-from .linear import PackedLinear, QuantLinear, UpcastEmbedding, UpcastLinear
-from .mlp import PrefillMLP
+from .linear import QuantLinear, UpcastEmbedding, UpcastLinear
 
 
 @dataclass(frozen=True)
@@ -77,11 +70,12 @@ def swap_upcast(model: nn.Module, storage_dtype: torch.dtype, dtype: torch.dtype
                                                dtype))
 
 
-def prepare(model: nn.Module) -> None:
-    """After loading: every QuantLinear in `model` (or `model` itself) picks its kernel and converts its weights."""
+def prepare(model: nn.Module, kernel: str = "reference", kernels=None) -> None:
+    """After loading: every QuantLinear in `model` (or `model` itself) converts its weights for `kernel` (see
+    QuantLinear.prepare)."""
     for m in model.modules():
         if isinstance(m, QuantLinear) and not m.prepared:
-            m.prepare()
+            m.prepare(kernel, kernels)
 
 
 def fuse(model: nn.Module) -> int:
@@ -99,54 +93,5 @@ def fuse(model: nn.Module) -> int:
     return n
 
 
-def prefill_mlps(model: nn.Module) -> int:
-    """After `fuse`: decoder MLPs whose fused gate/up and down projections prefill in bf16 with kernels.c become
-    PrefillMLPs (see quant/mlp.py). Returns how many."""
-    names = [name for name, m in model.named_modules() if isinstance(m, MLP) and PrefillMLP.applies(m)]
-    for name in names:
-        _replace(model, name, PrefillMLP(model.get_submodule(name)))
-    return len(names)
-
-
-def native_decode(text: nn.Module) -> int:
-    """After `fuse`: decoder layers whose projections all run kernels.c's q4x4 kernel decode one token in one
-    native call (quant/decode.py). Returns how many."""
-    n = 0
-    for i, layer in enumerate(text.layers):
-        if NativeDecoderLayer.applies(layer):
-            text.layers[i] = NativeDecoderLayer(layer)
-            n += 1
-    return n
-
-
-def native_vision(visual: nn.Module) -> None:
-    """After loading, CPU kernels for the vision tower (no-op without kernels.c): the rotary of q and k in place on
-    the qkv output (the same numbers as the torch ops), quick_gelu in one pass (AVX-512; within a few float32 ulps,
-    equal in bf16), and for a bf16 tower on a CPU with bf16 matrix instructions, oneDNN-prepacked linears."""
-    if native.library() is None:
-        return
-    for block in visual.blocks:
-        block.attn.rotate = _rotate_qk
-        if block.mlp.act is quick_gelu and native.gemv_supported():
-            block.mlp.act = _quick_gelu
-    if PackedLinear.supported(visual.merger.ln_q.weight.dtype):
-        names = [name for name, m in visual.named_modules() if isinstance(m, nn.Linear)]
-        for name in names:  # one at a time, no other reference kept: each dense weight is freed as it is packed
-            _replace(visual, name, PackedLinear(visual.get_submodule(name)))
-
-
-def _rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    if qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous() and qkv.shape[-1] <= 512:
-        return native.rotary_qk(qkv, cos, sin).unbind(1)
-    return rotate_qk(qkv, cos, sin)
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous():
-        return native.quick_gelu_(x)  # in place: x is the first MLP linear's fresh output
-    return quick_gelu(x)
-
-
-__all__ = ["fuse", "native_decode", "native_vision", "prefill_mlps", "NativeDecoderLayer", "PackedLinear",
-           "PrefillMLP", "QuantConfig", "QuantLinear", "ScanHead", "UpcastLinear",
-           "UpcastEmbedding", "swap_quantized", "swap_upcast", "prepare"]
+__all__ = ["fuse", "QuantConfig", "QuantLinear", "UpcastLinear", "UpcastEmbedding", "swap_quantized", "swap_upcast",
+           "prepare"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from . import native
-
 # AutoAWQ GEMM: nibble i of a packed int32 holds logical column 8c + AWQ_ORDER[i]; logical column j sits in
 # nibble AWQ_REVERSE[j % 8].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -58,10 +56,11 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
-    """AWQ GEMM tensors (qweight (K, N/8), qzeros (K/g, N/8), scales (K/g, N)) -> q (N, K), scales, zeros, g_idx."""
-    if qweight.device.type == "cpu" and native.library() is not None:  # the same levels, ~30x faster
-        q = native.awq_unpack_t(qweight, AWQ_ORDER)
+def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, kernels=None):
+    """AWQ GEMM tensors (qweight (K, N/8), qzeros (K/g, N/8), scales (K/g, N)) -> q (N, K), scales, zeros, g_idx.
+    With `kernels` (qwen2vl.kernels.Kernels) a CPU qweight is unpacked natively: the same levels, ~30x faster."""
+    if kernels is not None and qweight.device.type == "cpu":
+        q = kernels.awq_unpack_t(qweight, AWQ_ORDER)
     else:
         q = unpack_columns(qweight, 4, AWQ_ORDER).t().contiguous()
     zeros = unpack_columns(qzeros, 4, AWQ_ORDER)
@@ -113,3 +112,14 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch
     zeros = (-lo / scales).round().clamp(0, top)
     q = (g / scales[..., None] + zeros[..., None]).round().clamp(0, top).to(torch.uint8).view(N, K)
     return q, scales.t().contiguous(), zeros.t().contiguous()
+
+
+def q4x4_pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Levels q (N, K) uint8, scales and zeros (G, N) with groups of 128 -> the native kernels' q4x4 layout
+    (kernels.c): bytes (N/4, G, 4, 64), fp16 scales and uint8 zeros (N/4, G, 4)."""
+    N, K = q.shape
+    G = K // 128
+    qg = q.view(N // 4, 4, G, 2, 64)
+    packed = (qg[:, :, :, 0] | (qg[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
+    meta = lambda t, dtype: t.t().reshape(N // 4, 4, G).transpose(1, 2).contiguous().to(dtype)
+    return packed, meta(scales, torch.float16), meta(zeros, torch.uint8)

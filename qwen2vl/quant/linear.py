@@ -1,6 +1,7 @@
 """Linear layers swapped in at load time: quantized ones (AWQ, GPTQ) and ones whose weights are stored in 16 bits
-but computed in the activation dtype. Each quantized layer keeps the checkpoint's tensors until `prepare()` picks
-its kernel once: torch's int4 CPU kernel where it applies, else the reference dequantize-then-matmul."""
+but computed in the activation dtype. Each quantized layer keeps the checkpoint's tensors until `prepare()` converts
+them for the kernel the load plan names (the native q4x4 kernels, torch's int4 CPU kernel, or the reference
+dequantize-then-matmul), where that kernel can take this layer's shape."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .formats import awq_unpack, dequantize, gptq_unpack
+from .formats import awq_unpack, dequantize, gptq_unpack, q4x4_pack
 
 
 class UpcastLinear(nn.Module):
@@ -62,30 +62,6 @@ class UpcastEmbedding(nn.Module):
         return self.weight[ids].to(self.dtype)  # (..., dim), as F.embedding
 
 
-class PackedLinear(nn.Module):
-    """A bf16 linear whose weight oneDNN reorders once, at load, into the blocked layout its matmul computes from
-    (F.linear reorders it on every call), with the bias added inside the matmul (addmm first copies it into the
-    output). The bf16 vision tower's linears: 448x448 image 3.7 vs 4.3 s (BENCHMARKS.md), the same numbers."""
-
-    ROWS = 1024  # the input rows oneDNN tunes the layout for (a 448x448 image); as fast at 290 and 4096 rows
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.ROWS)  # opaque layout
-        self.bias = linear.bias
-
-    @staticmethod
-    def supported(dtype: torch.dtype) -> bool:
-        return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and native.cpu_has_bf16_matmul() \
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, "none", [None], "")
-        return y.view(*shape[:-1], self.out_features)
-
-
 class QuantLinear(nn.Module):
     """y = x W^T + b with W group-quantized in a checkpoint format ("awq" or "gptq")."""
 
@@ -106,38 +82,46 @@ class QuantLinear(nn.Module):
             self.register_buffer("g_idx", torch.empty(K, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(G, N))  # float32 whatever the file holds (fp16 in AWQ)
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype), requires_grad=False) if bias else None
-        self.kernel = "reference"
+        self.kernel, self.kernels, self.exact = "reference", None, False
+        self.register_buffer("perm", None)
         self.prepared = False
 
     def unpacked(self):
         """q (N, K) uint8, scales (G, N), zeros (G, N), g_idx (K,)."""
         if self.fmt == "awq":
-            return awq_unpack(self.qweight, self.qzeros, self.scales, self.group_size)
+            return awq_unpack(self.qweight, self.qzeros, self.scales, self.group_size, self.kernels)
         return gptq_unpack(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size,
                            self.zero_offset)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(*self.unpacked())
 
-    def prepare(self) -> None:
-        """Pick the kernel once, after loading, and convert the weights for it."""
-        self.prepared = True
+    def prepare(self, kernel: str = "reference", kernels=None) -> None:
+        """Convert the checkpoint's tensors, once, after loading, for `kernel` (the load plan's choice: "q4x4" with
+        `kernels`, a qwen2vl.kernels.Kernels; "q4x4-float32", the same layout with every matmul dequantized to
+        float32; "int4_cpu", torch's kernel on bf16 activations; "reference") where it can take this layer's shape,
+        else for the reference."""
+        kernel, float32 = kernel.removesuffix("-float32"), kernel.endswith("-float32")
+        self.prepared, self.kernels = True, kernels
         q, scales, zeros, g_idx = self.unpacked()
-        if int4_cpu_supported(self.qweight.device, self.bits, self.in_features, self.out_features, self.group_size):
-            perm = torch.argsort(g_idx, stable=True)
-            if torch.equal(g_idx[perm], torch.arange(self.in_features, device=perm.device) // self.group_size):
-                if q4x4_supported(self.group_size, self.out_features, scales):
-                    self._to_q4x4(q, scales, zeros, perm)
-                else:
-                    self._to_int4_cpu(q, scales, zeros, perm)
-                return
-        self.kernel = "reference"
+        perm = torch.argsort(g_idx, stable=True)
+        grouped = torch.equal(g_idx[perm], torch.arange(self.in_features, device=perm.device) // self.group_size)
+        on_cpu = self.qweight.device.type == "cpu" and self.bits == 4 and grouped
+        if kernel == "q4x4" and kernels is not None and on_cpu and q4x4_fits(self.group_size, self.out_features,
+                                                                              scales):
+            self._to_q4x4(q, scales, zeros, perm)
+        elif kernel == "int4_cpu" and on_cpu and int4_cpu_fits(self.in_features, self.out_features, self.group_size):
+            self._to_int4_cpu(q, scales, zeros, perm)
+        self.few, self.many = {"q4x4": (self.bulk_matmul if float32 else self._q4x4, self.bulk_matmul),
+                               "reference": (self._reference,) * 2,
+                               "int4_cpu": (self._int4_cpu, self.bulk_matmul if self.exact else self._int4_cpu)
+                               }[self.kernel]
 
     def _to_q4x4(self, q, scales, zeros, perm) -> None:
-        # kernels.c's AVX-512 decode kernel and dequantization, on its own streaming layout (no torch packing kept).
+        # The native kernels' own streaming layout (no torch packing kept).
         ordered = not torch.equal(perm, torch.arange(len(perm), device=perm.device))
         self.register_buffer("perm", perm if ordered else None)
-        packed, sc, zr = native.q4x4_pack(q[:, perm] if ordered else q, scales, zeros)
+        packed, sc, zr = q4x4_pack(q[:, perm] if ordered else q, scales, zeros)
         for name in ("qweight", "qzeros", "g_idx", "scales"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -194,7 +178,10 @@ class QuantLinear(nn.Module):
                 setattr(fused, name, torch.cat([getattr(p, name) for p in parts], dim=1))
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-        fused.exact, fused.kernel, fused.prepared = True, first.kernel, True
+        fused.exact, fused.kernel, fused.prepared, fused.kernels = True, first.kernel, True, first.kernels
+        fused.few = fused.bulk_matmul if first.few == first.bulk_matmul else \
+            fused._q4x4 if first.kernel == "q4x4" else fused._int4_cpu
+        fused.many = fused.bulk_matmul
         for p in parts:  # the parts keep their names (and shapes) but no longer hold weights
             for name in ("packed", "scale_zero", "scales", "zeros"):
                 setattr(p, name, None)
@@ -202,34 +189,36 @@ class QuantLinear(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "reference":
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:  # act-order: input features in group order
             x2 = x2[:, self.perm]
-        if self.exact and x2.shape[0] > DECODE_ROWS:  # prefill: dequantize, then a dense matmul
-            y = self.bulk_matmul(x2).to(x.dtype)
-        elif self.kernel == "q4x4":  # decode: kernels.c, int16-rounded activations
-            y = native.q4x4_gemv(x2, self.packed, self.scales, self.zeros).to(x.dtype)
-        else:  # decode: torch's int4 kernel on bf16 activations
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
-                                                           self.scale_zero).to(x.dtype)
+        y = (self.many if x2.shape[0] > DECODE_ROWS else self.few)(x2).to(x.dtype)
         y = y.view(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _q4x4(self, x: torch.Tensor) -> torch.Tensor:  # int16-rounded activations (kernels.c)
+        return self.kernels.q4x4_gemv(x, self.packed, self.scales, self.zeros)
+
+    def _int4_cpu(self, x: torch.Tensor) -> torch.Tensor:  # bf16 activations
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
+                                                          self.scale_zero)
+
     def bulk_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized by kernels.c into a
-        reused buffer, in `bulk_dtype` (float32: the reference's numbers; bfloat16: AMX/AVX512-BF16 matmuls), else by
-        torch ops in x's dtype."""
+        """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized (natively where the
+        plan gave kernels) into a reused buffer, in `bulk_dtype`, else by torch ops in x's dtype."""
         N, K = self.out_features, self.in_features
         if self.kernel == "q4x4":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
-            wt = native.q4x4_dequant_t(self.packed, self.scales, self.zeros, _scratch(K * N, self.bulk_dtype).view(K, N))
+            wt = self.kernels.q4x4_dequant_t(self.packed, self.scales, self.zeros,
+                                             _scratch(K * N, self.bulk_dtype).view(K, N))
             return torch.mm(x.to(wt.dtype), wt)
         B = int4pack_layout()[0]
-        if native.library() is not None:
-            wt = native.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
-                                         self.group_size, _scratch(K * N, self.bulk_dtype).view(K, N))
+        if self.kernels is not None:
+            wt = self.kernels.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
+                                               self.group_size, _scratch(K * N, self.bulk_dtype).view(K, N))
             return torch.matmul(x.to(wt.dtype), wt)
         rows = max(B, (DEQUANT_BLOCK // K) // B * B)  # output features per block, whole packing blocks
         out = []
@@ -264,15 +253,15 @@ def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return w.view(N, K)
 
 
-def q4x4_supported(group_size: int, out_features: int, scales: torch.Tensor) -> bool:
-    """Where kernels.c's decode kernel applies: AVX-512 BW, groups of 128, fp16-exact scales (AWQ/GPTQ store fp16)."""
-    return (group_size == 128 and out_features % 4 == 0 and native.gemv_supported()
+def q4x4_fits(group_size: int, out_features: int, scales: torch.Tensor) -> bool:
+    """Where the q4x4 layout holds a layer exactly: groups of 128, fp16-exact scales (AWQ/GPTQ store fp16)."""
+    return (group_size == 128 and out_features % 4 == 0
             and torch.equal(scales.half().float(), scales.float()))
 
 
-def int4_cpu_supported(device: torch.device, bits: int, in_features: int, out_features: int, group_size: int) -> bool:
+def int4_cpu_fits(in_features: int, out_features: int, group_size: int) -> bool:
     """Where torch's int4 CPU kernel applies (its packing needs out_features % 16 == 0)."""
-    return (device.type == "cpu" and bits == 4 and group_size in (32, 64, 128, 256) and in_features % group_size == 0
+    return (group_size in (32, 64, 128, 256) and in_features % group_size == 0
             and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 

@@ -1,7 +1,7 @@
-"""Decoding one token of one sequence with kernels.c's `decode_layer`: each decoder layer in one native call instead
+"""Decoding one token of one sequence with the native `decode_layer`: each decoder layer in one native call instead
 of ~40 torch ops, whose dispatch alone costs ~0.4 ms per layer (a sixth of a decode step on the 2B model).
 
-Swapped in after loading for layers whose projections all run kernels.c's q4x4 kernel (fused q/k/v with bias, fused
+Swapped in by the plan for layers whose projections all run the native q4x4 kernel (fused q/k/v with bias, fused
 gate/up). Any other call (prefill, batches, padding masks, another cache) runs the model's own layer.
 """
 
@@ -12,9 +12,8 @@ import ctypes
 import torch
 from torch import nn
 
-from ..generate import KVCache
-from . import native
-from .linear import QuantLinear
+from ..cache import KVCache
+from ..quant.linear import QuantLinear
 from .mlp import PrefillMLP
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -33,9 +32,9 @@ def _parts(layer: nn.Module) -> tuple:
 
 
 class NativeDecoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, kernels):
         super().__init__()
-        self.layer = layer
+        self.layer, self.kernels = layer, kernels
         attn = layer.self_attn
         self.struct = _Layer(D=attn.o_proj.out_features, H=attn.n_heads, Hkv=attn.n_kv, hd=attn.head_dim,
                              I=_parts(layer)[3].in_features, eps=layer.input_layernorm.eps)
@@ -57,8 +56,6 @@ class NativeDecoderLayer(nn.Module):
 
     @staticmethod
     def applies(layer: nn.Module) -> bool:
-        if native.library() is None or not native.gemv_supported():
-            return False
         qkv, o, gu, dn = _parts(layer)
         attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
         return all(isinstance(p, QuantLinear) and p.kernel == "q4x4" and p.perm is None for p in (qkv, o, gu, dn)) \
@@ -77,7 +74,7 @@ class NativeDecoderLayer(nn.Module):
             self._point()  # a parameter's data was replaced in place (module.to()); `tensors` keeps the rest alive
         out = x.contiguous().clone()  # (1, 1, D), updated in place
         i, s = self.layer.self_attn.layer, cache.k.stride(0) * 4  # this layer's (1, Hkv, cap, hd) cache, in bytes
-        native.library().decode_layer(ctypes.byref(self.struct), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        self.kernels.lib.decode_layer(ctypes.byref(self.struct), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                       cache.k.data_ptr() + i * s, cache.v.data_ptr() + i * s, cache.k.shape[3],
                                       cache.length, torch.get_num_threads())
         return out

@@ -2,8 +2,8 @@
 candidates, with a proof that the greedy choice is the exact one.
 
 The 151936 x 1536 head is a quarter of the weights read per decoded token. Its 16-bit weights (tied to the
-embeddings, read from the file on demand) are also kept as int8 rows with one bf16 scale each (torch's int8 weight-only
-kernel, or kernels.c's on AVX-512: half the bytes). Per row of input:
+embeddings, read from the file on demand) are also kept as int8 rows with one scale each (the native q8x4 kernel, or
+torch's int8 weight-only kernel without native kernels: half the bytes). Per row of input:
   1. approximate logits of every token from the int8 copy;
   2. exact logits (float32 from the 16-bit weights) of the top REFINE tokens, written over their approximations;
   3. a bound on |approximate - exact| (rounding of the weights, of the activations and of the sums)
@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
 
 REFINE = 128  # tokens refined exactly per row, first try
 SCAN_ROWS = 16
@@ -31,8 +30,9 @@ CHUNK_ROWS = 8192
 
 class ScanHead(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, storage_dtype: torch.dtype,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, kernels=None):
         super().__init__()
+        self.kernels = kernels  # a qwen2vl.kernels.Kernels, or None: torch's int8 kernel
         if bias or dtype != torch.float32:
             raise ValueError("ScanHead computes float32 logits without a bias")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=storage_dtype), requires_grad=False)
@@ -51,7 +51,7 @@ class ScanHead(nn.Module):
     def quantize(self, rows: Iterator[torch.Tensor]) -> None:
         """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 4 rows."""
         V, D = self.weight.shape
-        self.native = native.gemv_supported() and V % 4 == 0 and D % 128 == 0
+        self.native = self.kernels is not None and V % 4 == 0 and D % 128 == 0
         # native: float32 scales, rows interleaved 4 at a time (kernels.c "q8x4"); torch's kernel: bf16 scales.
         self.q8 = torch.empty(V // 4, D // 64, 4, 64, dtype=torch.int8) if self.native else \
             torch.empty(V, D, dtype=torch.int8)
@@ -76,7 +76,7 @@ class ScanHead(nn.Module):
         """Approximate logits (M, V) of x (M, D) and an upper bound on their error (M, V)."""
         s = self.scale.float()
         if self.native:
-            approx = native.q8x4_gemv(x, self.q8, self.scale)
+            approx = self.kernels.q8x4_gemv(x, self.q8, self.scale)
             # weights: s/2 |x|_1; activations rounded to int16 per 128 (kernels.c): 127 s D max|x| / 65534;
             # float32 sums: relative 1e-4.
             D = x.shape[-1]

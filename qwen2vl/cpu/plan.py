@@ -1,0 +1,184 @@
+"""The plan: which path each part of the model takes on this machine, decided once at load.
+
+Capability (can this CPU run a kernel at all) comes from kernels.cpu_levels(). Speed never comes from a flag: where a
+choice depends on it, the candidates are timed on the model's own shapes (well under a second), and the verdict is
+cached per CPU model, CPU flags, kernel source, torch version and shapes, as the kernel build is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import kernels
+from ..config import Qwen2VLConfig
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    fast: bool  # the measured fast paths (False: every matmul in float32, every op exact to float32 rounding)
+    isa: str | None  # the native kernels' level; None: torch ops only
+    vision_dtype: torch.dtype  # the vision tower's compute dtype
+    vision_linear: str  # "packed" (oneDNN-prepacked bf16 weights) | "torch"
+    vision_kernels: bool  # native rotary and quick_gelu in the vision tower
+    prefill_dtype: torch.dtype  # quantized matmuls over many rows: dequantized weights in this dtype
+    decode: str  # quantized matmuls over few rows: "native-layer" | "q4x4" | "torch-int4" | "float32" | "reference"
+    head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kernels(self) -> kernels.Kernels | None:
+        return kernels.load(self.isa) if self.isa else None
+
+    def describe(self) -> str:
+        rows = [("device", self.device), ("fast paths", "on" if self.fast else "off (float32 exact)"),
+                ("native kernels", self.isa or "none (torch ops)"),
+                ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears"
+                           + (", native rotary and quick_gelu" if self.vision_kernels else "")),
+                ("prefill matmuls", _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
+                ("LM head", self.head)]
+        lines = [f"{k:>16}: {v}" for k, v in rows]
+        lines += [f"{'why ' + k:>16}: {v}" for k, v in self.reasons.items()]
+        return "\n".join(lines)
+
+
+def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast: bool | None,
+           applies: bool = True) -> Plan:
+    """The plan for `cfg` on `device` with compute dtype `compute`. The fast paths are on unless `fast` is False,
+    where they apply (`applies`: a quantized checkpoint with 16-bit storage computed in float32 on a CPU)."""
+    if device.type != "cpu":
+        return Plan(str(device), False, None, compute, "torch", False, compute, "reference", "exact",
+                    {"device": "not a CPU: torch's own kernels"})
+    reasons = {}
+    k = kernels.load()
+    isa = k.isa if k is not None else None
+    reasons["kernels"] = (f"best level this CPU runs, capped by QWEN2VL_ISA={os.environ['QWEN2VL_ISA']}"
+                          if os.environ.get("QWEN2VL_ISA") else "best level this CPU runs") if k else \
+        "no C compiler or QWEN2VL_NATIVE=0"
+    if fast is False or not applies:
+        decode = "float32" if k is not None else "reference"  # dequantized to float32 at every size
+        reasons["exact"] = "fast=False" if fast is False else "a dense checkpoint computes in its own dtype"
+        return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, compute, decode,
+                    "exact", reasons)
+    t = measure(cfg, isa)
+    bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
+    bf16_text = t["prefill_bf16"] < 0.9 * t["prefill_float32"]
+    packed = bf16_vit and "vision_packed" in t and t["vision_packed"] < t["vision_bf16"]
+    reasons["vision"] = f"bf16 {t['vision_bf16'] * 1e3:.1f} ms vs float32 {t['vision_float32'] * 1e3:.1f} ms" + \
+        (f", prepacked {t['vision_packed'] * 1e3:.1f} ms" if "vision_packed" in t else "")
+    reasons["prefill"] = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms"
+    if k is not None:
+        decode = "native-layer" if t["decode_q4x4"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
+        reasons["decode"] = f"q4x4 ({isa}) {t['decode_q4x4'] * 1e3:.2f} ms" + (
+            f" vs torch int4 {t['decode_torch_int4'] * 1e3:.2f} ms" if "decode_torch_int4" in t else "")
+    else:
+        decode = "torch-int4"
+    return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
+                k is not None, torch.bfloat16 if bf16_text else torch.float32, decode, "scan-int8", reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    key = json.dumps([cpu, sorted(kernels.cpu_flags()), kernels.source_hash(), torch.__version__, isa,
+                      torch.get_num_threads(), _shapes(cfg)])
+    root = Path(os.environ.get("QWEN2VL_CACHE") or Path.home() / ".cache" / "qwen2vl")
+    return root / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, int, int]]:
+    v, t = cfg.vision, cfg.text
+    return {"vision": (256, v.embed_dim, v.mlp_dim), "prefill": (128, t.hidden_size, t.intermediate_size),
+            "decode": (1, t.hidden_size, t.intermediate_size)}
+
+
+def measure(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
+    """Seconds per candidate on the model's shapes (cached: see the module docstring)."""
+    path = _cache_file(cfg, isa)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    t = _time_candidates(cfg, isa)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(t))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return t
+
+
+def _best(fn, reps: int = 2) -> float:
+    fn()  # warm-up: first-call allocations, oneDNN primitive creation
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    shapes = _shapes(cfg)
+    out = {}
+    for part in ("vision", "prefill"):
+        M, K, N = shapes[part]
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, wd = x.to(dtype), w.to(dtype)
+            out[f"{part}_{_DTYPE_NAMES[dtype].replace('bfloat16', 'bf16')}"] = _best(lambda: torch.mm(xd, wd.t()))
+        if part == "vision" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
+                torch.backends.mkldnn.is_available():
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), M)
+                xb = x.bfloat16()
+                out["vision_packed"] = _best(
+                    lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [None], ""))
+            except RuntimeError:  # this torch's oneDNN has no bf16 path here
+                pass
+    _, K, N = shapes["decode"]
+    x = torch.randn(1, K, generator=g)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scales = torch.rand(K // 128, N, generator=g).half().float() * 0.01
+    zeros = torch.full((K // 128, N), 8.0)
+    k = kernels.load(isa) if isa else None
+    if k is not None:
+        from ..quant.formats import q4x4_pack
+
+        packed, sc, zr = q4x4_pack(q, scales, zeros)
+        out["decode_q4x4"] = _best(lambda: k.q4x4_gemv(x, packed, sc, zr), 5)
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        sz = torch.stack([scales, (8 - zeros) * scales], -1).to(torch.bfloat16)
+        xb = x.bfloat16()
+        out["decode_torch_int4"] = _best(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), 5)
+    return out
+
+
+def as_dict(plan: Plan) -> dict:
+    d = asdict(plan)
+    for key in ("vision_dtype", "prefill_dtype"):
+        d[key] = _DTYPE_NAMES[d[key]]
+    return d

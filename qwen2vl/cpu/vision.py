@@ -1,0 +1,55 @@
+"""The vision tower's CPU layers, swapped in by the plan: the rotary of q and k in place on the qkv output (the same
+numbers as the torch ops), quick_gelu in one pass (within a few float32 ulps; equal in bf16), and, where the plan
+measured them faster, bf16 linears whose weights oneDNN prepacks at load."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..vision import quick_gelu, rotate_qk
+
+
+class PackedLinear(nn.Module):
+    """A bf16 linear whose weight oneDNN reorders once, at load, into the blocked layout its matmul computes from
+    (F.linear reorders it on every call), with the bias added inside the matmul (addmm first copies it into the
+    output)."""
+
+    ROWS = 1024  # the input rows oneDNN tunes the layout for (a 448x448 image); as fast at 290 and 4096 rows
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.ROWS)  # opaque layout
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, "none", [None], "")
+        return y.view(*shape[:-1], self.out_features)
+
+
+def swap(visual: nn.Module, kernels, packed: bool) -> None:
+    """Native rotary and quick_gelu from `kernels` (a qwen2vl.kernels.Kernels; None: torch ops), and prepacked
+    linears if `packed`."""
+    if kernels is not None:
+        def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous() and qkv.shape[-1] <= 512:
+                return kernels.rotary_qk(qkv, cos, sin).unbind(1)
+            return rotate_qk(qkv, cos, sin)
+
+        def gelu(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous():
+                return kernels.quick_gelu_(x)  # in place: x is the first MLP linear's fresh output
+            return quick_gelu(x)
+
+        for block in visual.blocks:
+            block.attn.rotate = rotate
+            if block.mlp.act is quick_gelu:
+                block.mlp.act = gelu
+    if packed:
+        names = [name for name, m in visual.named_modules() if isinstance(m, nn.Linear)]
+        for name in names:  # one at a time, no other reference kept: each dense weight is freed as it is packed
+            parent, _, child = name.rpartition(".")
+            setattr(visual.get_submodule(parent) if parent else visual, child,
+                    PackedLinear(visual.get_submodule(name)))

@@ -1,0 +1,247 @@
+"""kernels.c, compiled on first use with the system C compiler for one ISA level and loaded with ctypes: tensors in,
+tensors out, no knowledge of the model.
+
+Levels, best first: avx512 (AVX-512 F/BW/VL with FMA and F16C; VNNI used where present), avx2 (AVX2 + FMA + F16C;
+AVX-VNNI where present), neon (ARM64), generic (portable C, any CPU). `isa()` is the best level this CPU can run,
+restricted by QWEN2VL_ISA=avx512|avx2|neon|generic; whether a level is *faster* is for the plan to measure.
+
+Libraries are cached under $QWEN2VL_CACHE (default ~/.cache/qwen2vl)/kernels by a hash of the sources, the compiler
+and its flags. Without a compiler (or with QWEN2VL_NATIVE=0) `load()` is None and callers use torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+SOURCE = HERE / "kernels.c"
+SOURCES = [SOURCE, *sorted(HERE.glob("micro_*.h"))]
+LEVELS = ("avx512", "avx2", "neon", "generic")
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; macOS sysctl), lower case."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((l for l in f if l.startswith(("flags", "Features"))), "")
+        return set(line.split(":", 1)[-1].lower().split())
+    except OSError:
+        pass
+    try:  # macOS: machdep.cpu.* on Intel, hw.optional.* on Apple silicon
+        out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    flags = set()
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("machdep.cpu.") and key.endswith("features"):
+            flags |= {f.replace(".", "_") for f in value.lower().split()}
+    return flags
+
+
+def cpu_levels(flags: set[str] | None = None, machine: str | None = None) -> list[str]:
+    """The ISA levels this CPU can run, best first (capability only: speed is measured by the plan)."""
+    flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    levels = []
+    if machine in ("x86_64", "amd64"):
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+            levels.append("avx512")
+        if {"avx2", "fma", "f16c"} <= flags:
+            levels.append("avx2")
+    elif machine in ("aarch64", "arm64"):
+        levels.append("neon")
+    return levels + ["generic"]
+
+
+def isa() -> str:
+    """The level the kernels use: the best this CPU runs, at most QWEN2VL_ISA's."""
+    levels = cpu_levels()
+    want = os.environ.get("QWEN2VL_ISA", "").strip().lower()
+    if not want:
+        return levels[0]
+    if want not in LEVELS:
+        raise ValueError(f"QWEN2VL_ISA={want!r}: use one of {', '.join(LEVELS)}")
+    allowed = LEVELS[LEVELS.index(want):]
+    return next(l for l in levels if l in allowed)
+
+
+def compile_flags(level: str, flags: set[str] | None = None) -> list[str]:
+    flags = cpu_flags() if flags is None else flags
+    isa_flags = {
+        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                   "-mprefer-vector-width=512"] + (["-mavx512vnni"] if "avx512_vnni" in flags else []),
+        "avx2": ["-mavx2", "-mfma", "-mf16c"] + (["-mavxvnni"] if "avx_vnni" in flags else []),
+        "neon": [],
+        "generic": [],
+    }[level]
+    return ["-O3", "-ffp-contract=off", "-shared", "-fPIC", f"-DQK_ISA_{level.upper()}", *isa_flags]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QWEN2VL_CACHE") or Path.home() / ".cache" / "qwen2vl") / "kernels"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for f in SOURCES:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build(level: str, cc: str | None = None, out_dir: Path | None = None) -> Path:
+    """The shared library of kernels.c for `level`, built with `cc` (cached). OpenMP where the compiler has it
+    (Apple's clang does not: single-threaded there). Raises OSError / SubprocessError on failure."""
+    cc = cc or compiler()
+    if cc is None:
+        raise OSError("no C compiler (set CC, or install gcc or clang)")
+    flags = compile_flags(level)
+    key = hashlib.sha256((source_hash() + cc + " ".join(flags) + level).encode()).hexdigest()[:16]
+    out = (out_dir or _cache_dir()) / f"qwen2vl-kernels-{level}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build, then move into place atomically
+        lib = Path(tmp) / out.name
+        cmd = [cc, *flags, str(SOURCE), "-o", str(lib)]
+        r = subprocess.run(cmd[:1] + ["-fopenmp"] + cmd[1:], capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180)
+        os.replace(lib, out)
+    return out
+
+
+class Kernels:
+    """One built library and typed wrappers over its functions (all on contiguous CPU tensors)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = self.lib = ctypes.CDLL(str(path))  # its libgomp is the one torch already loaded (same soname)
+        for name, args in {
+            "q4pack_dequant_t": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _I],
+            "q4x4_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
+            "q4x4_dequant_t": [_P, _P, _P, _I, _I, _P, _I, _I],
+            "q8x4_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
+            "rotary_qk": [_P, _I, _I, _I, _P, _P, _I, _I],
+            "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
+            "silu_mul_bf16": [_P, _I, _I, _P, _I],
+            "decode_layer": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
+            "awq_unpack_t": [_P, _I, _I, _P, _P, _I],
+        }.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+        lib.kernels_isa.restype = ctypes.c_char_p
+        self.isa = lib.kernels_isa().decode()
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.isa}, {self.path.name})"
+
+    def q4pack_dequant_t(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, N: int, K: int, B: int,
+                         group: int, out: torch.Tensor) -> torch.Tensor:
+        """out (K, N) float32 or bfloat16 = dequantized W^T from torch's CPU int4 packing with block size B;
+        scale, zero (G, N) float32."""
+        assert out.shape == (K, N) and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16)
+        assert scale.dtype == zero.dtype == torch.float32 and scale.is_contiguous() and zero.is_contiguous()
+        self.lib.q4pack_dequant_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, B, group,
+                                  out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())
+        return out
+
+    def q8x4_gemv(self, x: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (M, K), M <= 16 -> (M, N) float32 = x W^T, W = q * scale[row] in the q8x4 layout (N/4, K/64, 4, 64)."""
+        M, K = x.shape
+        N = q8.shape[0] * 4
+        assert M <= 16 and q8.shape[1:] == (K // 64, 4, 64) and scale.shape == (N,) and scale.dtype == torch.float32
+        x = x.float().contiguous()
+        y = torch.empty(M, N)
+        self.lib.q8x4_gemv(x.data_ptr(), M, K, N, q8.data_ptr(), scale.data_ptr(), y.data_ptr(),
+                           torch.get_num_threads())
+        return y
+
+    def q4x4_gemv(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """x (M, K), M <= 16 -> (M, N) float32 = x W^T (activations rounded to int16 per 128, see kernels.c)."""
+        M, K = x.shape
+        N = packed.shape[0] * 4
+        if M > 16 or packed.shape[1] * 128 != K or not packed.is_contiguous():
+            raise ValueError(f"q4x4_gemv: x {tuple(x.shape)} does not fit weights {tuple(packed.shape)}")
+        x = x.float().contiguous()
+        y = torch.empty(M, N)
+        self.lib.q4x4_gemv(x.data_ptr(), M, K, N, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                           y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def q4x4_dequant_t(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
+        """out (K, N) float32 or bfloat16 = W^T from the q4x4 layout."""
+        K, N = out.shape
+        assert packed.shape == (N // 4, K // 128, 4, 64) and out.is_contiguous()
+        assert out.dtype in (torch.float32, torch.bfloat16)
+        self.lib.q4x4_dequant_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, out.data_ptr(),
+                                int(out.dtype == torch.bfloat16), torch.get_num_threads())
+        return out
+
+    def rotary_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """qkv (N, 3, H, D) float32 or bfloat16, contiguous: q and k rotated in place by rope.apply_rotary's formula
+        in float32 (the same numbers as torch's ops), rounded back to qkv's dtype. cos, sin (N, 1, D) or (N, D)."""
+        N, three, H, D = qkv.shape
+        assert three == 3 and qkv.is_contiguous() and qkv.dtype in (torch.float32, torch.bfloat16) and D <= 512
+        cos, sin = cos.reshape(N, D), sin.reshape(N, D)
+        assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+        self.lib.rotary_qk(qkv.data_ptr(), N, H, D, cos.data_ptr(), sin.data_ptr(), int(qkv.dtype == torch.bfloat16),
+                           torch.get_num_threads())
+        return qkv
+
+    def quick_gelu_(self, x: torch.Tensor) -> torch.Tensor:
+        """x * sigmoid(1.702 x) in place, x contiguous float32 or bfloat16."""
+        assert x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16)
+        self.lib.quick_gelu(x.data_ptr(), x.numel(), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        return x
+
+    def silu_mul_bf16(self, h: torch.Tensor) -> torch.Tensor:
+        """h (M, 2I) bfloat16 = [gate | up], contiguous -> silu(gate) * up (M, I) bfloat16."""
+        M, I2 = h.shape
+        assert h.dtype == torch.bfloat16 and h.is_contiguous() and I2 % 2 == 0
+        out = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
+        self.lib.silu_mul_bf16(h.data_ptr(), M, I2 // 2, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def awq_unpack_t(self, qweight: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+        """An AWQ GEMM qweight (K, N/8) int32 on CPU -> the levels q (N, K) uint8, transposed."""
+        K, C = qweight.shape
+        assert qweight.dtype == torch.int32 and qweight.device.type == "cpu" and len(order) == 8
+        qweight = qweight.contiguous()
+        q = torch.empty(C * 8, K, dtype=torch.uint8)
+        self.lib.awq_unpack_t(qweight.data_ptr(), K, C * 8, (ctypes.c_int * 8)(*order), q.data_ptr(),
+                              torch.get_num_threads())
+        return q
+
+
+@functools.lru_cache(maxsize=None)
+def load(level: str | None = None) -> Kernels | None:
+    """The kernels for `level` (default: `isa()`), built on first use; None without a compiler or with
+    QWEN2VL_NATIVE=0, after a one-line notice."""
+    if os.environ.get("QWEN2VL_NATIVE") == "0":
+        return None
+    level = level or isa()
+    try:
+        return Kernels(build(level))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        print(f"qwen2vl: could not build the native kernels for {level} ({detail}); using torch ops",
+              file=sys.stderr)
+        return None

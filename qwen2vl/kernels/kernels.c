@@ -1,0 +1,417 @@
+/* qwen2vl's native CPU kernels: tensors in, tensors out, no knowledge of the model.
+
+   Everything here is written once, in portable C that compilers vectorize for the target. The few loops whose speed
+   needs an instruction set's own integer dot products live in one small microkernel header per ISA (micro_*.h),
+   chosen at build time by -DQK_ISA_AVX512 / _AVX2 / _NEON / _GENERIC (qwen2vl/kernels/__init__.py builds one library
+   per level the CPU can run). Every variant computes the same arithmetic; they differ only in the order of float32
+   sums, and the tests check each against the pure reference.
+
+   Weight layouts:
+   - "q4x4": bytes (N/4, G, 4, 64) for G groups of 128 inputs: for a block of 4 output rows and a group, each row
+     has 64 bytes, byte j holding input j (low nibble) and input j + 64 (high); per (block, group, row) an fp16
+     scale and a uint8 zero point: W = (q - zero) * scale.
+   - "q8x4": signed bytes (N/4, K/64, 4, 64), 4 rows interleaved 64 inputs at a time, a float32 scale per row.
+   - torch's CPU int4 packing (aten._convert_weight_to_int4pack_for_cpu) stores an (N, K) level matrix as blocks of
+     B output rows: bytes (N/B, K, B/2), byte j of (block, k) holding row j (low nibble) and row j + B/2 (high).
+
+   Decode-sized matmuls (M <= 16 rows) round activations to int16 per block of 128 inputs (scale = max|x| / 32767:
+   an error of at most 2^-16 of the block's largest value), so that weight x activation products are exact integer
+   dot products; y = W . x~ up to the float32 rounding of the per-group partial sums. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MADD(a, b, c) fmaf((a), (b), (c))  /* one rounding, in hardware */
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))  /* no hardware FMA: fmaf would be a library call per element */
+#endif
+
+#define QK_MAX_M 16
+
+/* ------------------------------------------------------------------------------------------------------------
+   Scalar helpers
+   ------------------------------------------------------------------------------------------------------------ */
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch does (no NaNs here) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(to_bf16(f)); }
+
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    uint32_t u;
+    if (e == 0) {  /* zero or subnormal: m * 2^-24, exact in float */
+        float f = (float)m * 5.9604644775390625e-8f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else if (e == 31) {
+        u = sign | 0x7F800000u | (m << 13);
+    } else {
+        u = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float pow2i(int k) {  /* 2^k for -126 <= k <= 127 */
+    const uint32_t u = (uint32_t)(k + 127) << 23;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* exp(x) in float32 to ~1 ulp: 2^n * p(r) with n = round(x / ln 2) and Cephes' expf polynomial for r = x - n ln 2.
+   2^n is applied in two exact halves, so the result is rounded once, as a single scaling would round it. */
+static inline float exp_c(float x) {
+    x = x < -104.f ? -104.f : x > 104.f ? 104.f : x;  /* 0 and inf beyond */
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = MADD(-n, 0.693359375f, x);
+    r = MADD(-n, -2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = MADD(p, r, 1.3981999507e-3f);
+    p = MADD(p, r, 8.3334519073e-3f);
+    p = MADD(p, r, 4.1665795894e-2f);
+    p = MADD(p, r, 1.6666665459e-1f);
+    p = MADD(p, r, 5.0000001201e-1f);
+    p = MADD(p, r * r, r + 1.f);
+    const int k = (int)n, k1 = k / 2;
+    return p * pow2i(k1) * pow2i(k - k1);
+}
+
+static inline float silu_c(float g) { return g / (1.f + exp_c(-g)); }  /* as torch computes silu */
+
+/* y = x * cos + roll(x, D/2) * sin over one head of D values (rope.apply_rotary's formula; sin sign-folded), each
+   product and the sum rounded as torch's ops round them (-ffp-contract=off: no fused multiply-add). x != y. */
+static void rotate_row(const float *x, float *y, int D, const float *c, const float *s) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) y[i] = x[i] * c[i] + x[i + half] * s[i];
+    for (int i = half; i < D; i++) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+static inline float sum16(float a[16]) {  /* a pairwise tree, as a vector register's reduction */
+    for (int w = 8; w; w /= 2)
+        for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}
+
+static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 == 0 */
+    float acc[16] = {0};
+    for (int i = 0; i < n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] = MADD(a[i + l], b[i + l], acc[l]);
+    return sum16(acc);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   The ISA's microkernels: q4x4_block, q8x4_block (one 4-row block of a decode-sized matmul), the ISA's name and,
+   where it has one (QK_HAVE_TILE64), its own dequant_tile64 (64 rows of one group of W^T from q4x4).
+   ------------------------------------------------------------------------------------------------------------ */
+#if defined(QK_ISA_AVX512)
+#include "micro_avx512.h"
+#elif defined(QK_ISA_AVX2)
+#include "micro_avx2.h"
+#elif defined(QK_ISA_NEON)
+#include "micro_neon.h"
+#else
+#include "micro_generic.h"
+#endif
+
+const char *kernels_isa(void) { return QK_ISA_NAME; }
+
+/* ------------------------------------------------------------------------------------------------------------
+   Decode-sized matmuls: each thread takes a contiguous share of 4-row blocks and streams their bytes in order.
+   ------------------------------------------------------------------------------------------------------------ */
+
+/* x (M, K) -> xq (M, K) int16, scales xs (M, K/128) and integer sums xsum (M, K/128). */
+static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, float *xsum) {
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < K / 128; b++) {
+            const float *v = x + (size_t)m * K + b * 128;
+            float mx = 0.f;
+            for (int i = 0; i < 128; i++) mx = fmaxf(mx, fabsf(v[i]));
+            float s = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / s;
+            int16_t *q = xq + (size_t)m * K + b * 128;
+            int sum = 0;
+            for (int i = 0; i < 128; i++) { q[i] = (int16_t)lrintf(v[i] * inv); sum += q[i]; }
+            xs[m * (K / 128) + b] = s;
+            xsum[m * (K / 128) + b] = (float)sum;
+        }
+}
+
+typedef struct { int16_t *q; float *s, *sum; } xquant_t;  /* quantize_x's three outputs */
+
+static xquant_t xquant(const float *x, int M, int K) {
+    xquant_t r = {aligned_alloc(64, (sizeof(int16_t) * (size_t)M * K + 127) / 64 * 64),
+                  malloc(sizeof(float) * M * (K / 128)), malloc(sizeof(float) * M * (K / 128))};
+    quantize_x(x, M, K, r.q, r.s, r.sum);
+    return r;
+}
+
+static void xquant_free(xquant_t *r) { free(r->q); free(r->s); free(r->sum); }
+
+/* y (M, N) = x (M, K) W^T for the q4x4 layout; K % 128 == 0, N % 4 == 0, M <= 16. */
+void q4x4_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint16_t *scale, const uint8_t *zero,
+               float *y, int threads) {
+    const int G = K / 128;
+    xquant_t q = xquant(x, M, K);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int blk = 0; blk < N / 4; blk++) {
+        float out[4 * QK_MAX_M];
+        q4x4_block(w + (size_t)blk * G * 256, scale + (size_t)blk * G * 4, zero + (size_t)blk * G * 4, G, q.q, q.s,
+                   q.sum, M, K, out);
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < 4; r++) y[(size_t)m * N + blk * 4 + r] = out[m * 4 + r];
+    }
+    xquant_free(&q);
+}
+
+/* y (M, N) = x (M, K) W^T for the q8x4 layout; K % 128 == 0, N % 4 == 0, M <= 16. */
+void q8x4_gemv(const float *x, int M, int K, int N, const int8_t *w, const float *scale, float *y, int threads) {
+    xquant_t q = xquant(x, M, K);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int blk = 0; blk < N / 4; blk++) {
+        float out[4 * QK_MAX_M];
+        q8x4_block(w + (size_t)blk * (K / 64) * 256, K / 128, q.q, q.s, M, K, out);
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < 4; r++) y[(size_t)m * N + blk * 4 + r] = out[m * 4 + r] * scale[blk * 4 + r];
+    }
+    xquant_free(&q);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Dequantization for prefill-sized matmuls, and the AWQ unpack at load
+   ------------------------------------------------------------------------------------------------------------ */
+
+/* Rows [n0, n0 + R) (R <= 64) of W^T's group g from q4x4, through an L1 tile: rows read contiguously, W^T's rows
+   written contiguously. */
+static void dequant_tile(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
+                         int R, void *out, int bf16) {
+    float t[128][64];
+    for (int r = 0; r < R; r++) {
+        const int n = n0 + r;
+        const size_t blk = (size_t)(n / 4) * G + g;
+        const uint8_t *p = w + blk * 256 + (n % 4) * 64;
+        const float s = half_to_float(scale[blk * 4 + n % 4]), z = (float)zero[blk * 4 + n % 4];
+        for (int j = 0; j < 64; j++) {
+            t[j][r] = ((float)(p[j] & 15) - z) * s;
+            t[j + 64][r] = ((float)(p[j] >> 4) - z) * s;
+        }
+    }
+    for (int j = 0; j < 128; j++) {
+        const size_t o = (size_t)(g * 128 + j) * N + n0;
+        if (bf16) for (int r = 0; r < R; r++) ((uint16_t *)out)[o + r] = to_bf16(t[j][r]);
+        else memcpy((float *)out + o, t[j], sizeof(float) * R);
+    }
+}
+
+#ifndef QK_HAVE_TILE64
+static void dequant_tile64(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
+                           void *out, int bf16) {
+    dequant_tile(w, scale, zero, N, G, g, n0, 64, out, bf16);
+}
+#endif
+
+/* Wt (K, N) float32 or bfloat16 = W^T from the q4x4 layout: the right operand oneDNN's matmuls take fastest at
+   prefill sizes. Work items are (group, 64 rows), group-major. */
+void q4x4_dequant_t(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int K, void *out, int bf16,
+                    int threads) {
+    const int G = K / 128, T = (N + 63) / 64;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int g = 0; g < G; g++) {
+        for (int t = 0; t < T; t++) {
+            if (N - t * 64 >= 64) dequant_tile64(w, scale, zero, N, G, g, t * 64, out, bf16);
+            else dequant_tile(w, scale, zero, N, G, g, t * 64, N - t * 64, out, bf16);
+        }
+    }
+}
+
+/* Wt (K, N) = (q - zero[g]) * scale[g] with g = k / group from torch's int4 packing; scale, zero (G, N) float32. */
+void q4pack_dequant_t(const uint8_t *packed, const float *scale, const float *zero, int N, int K, int B, int group,
+                      void *out, int bf16, int threads) {
+    const int H = B / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int k = 0; k < K; k++) {
+        const float *s = scale + (size_t)(k / group) * N, *z = zero + (size_t)(k / group) * N;
+        for (int n0 = 0; n0 < N; n0 += B) {
+            const uint8_t *b = packed + ((size_t)(n0 / B) * K + k) * H;
+            float v[128];  /* B <= 128 */
+            for (int j = 0; j < H; j++) {
+                v[j] = ((float)(b[j] & 15) - z[n0 + j]) * s[n0 + j];
+                v[j + H] = ((float)(b[j] >> 4) - z[n0 + j + H]) * s[n0 + j + H];
+            }
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + (size_t)k * N + n0;
+                for (int j = 0; j < B; j++) o[j] = to_bf16(v[j]);
+            } else {
+                memcpy((float *)out + (size_t)k * N + n0, v, sizeof(float) * B);
+            }
+        }
+    }
+}
+
+/* q (N, K) uint8 = the levels of an AutoAWQ GEMM qweight (K, N/8) int32 whose nibble i holds column 8c + order[i]
+   (formats.py): unpacked and transposed in one pass (torch ops take ~35 ns per int32, 7 s for the 2B model). */
+void awq_unpack_t(const uint32_t *qw, int K, int N, const int *order, uint8_t *q, int threads) {
+    const int C = N / 8, KB = (K + 63) / 64;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int c0 = 0; c0 < C; c0 += 16) {  /* tiles of 16 int32 columns (128 rows of q) x 64 inputs, via L1 */
+        for (int kb = 0; kb < KB; kb++) {
+            const int c1 = c0 + 16 < C ? c0 + 16 : C, k0 = kb * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            uint8_t t[128][64];
+            for (int k = k0; k < k1; k++)
+                for (int c = c0; c < c1; c++) {
+                    const uint32_t v = qw[(size_t)k * C + c];
+                    for (int i = 0; i < 8; i++) t[8 * (c - c0) + order[i]][k - k0] = (uint8_t)((v >> (4 * i)) & 15u);
+                }
+            for (int r = 0; r < 8 * (c1 - c0); r++) memcpy(q + (size_t)(8 * c0 + r) * K + k0, t[r], k1 - k0);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Elementwise work in place on a linear's fresh output (float32 or bfloat16 rows)
+   ------------------------------------------------------------------------------------------------------------ */
+
+/* Rotary on q and k of qkv (N, 3, H, D) in place, per (row, head) by rotate_row in float32, then rounded to the
+   tensor's dtype. cos, sin (N, D) float32, sin sign-folded. */
+void rotary_qk(void *qkv, int N, int H, int D, const float *cos, const float *sin, int bf16, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *c = cos + (size_t)n * D, *s = sin + (size_t)n * D;
+        for (int h = 0; h < 2 * H; h++) {  /* q's heads, then k's */
+            const size_t o = ((size_t)n * 3 * H + h) * D;
+            float x[512], y[512];  /* D <= 512 */
+            if (bf16) for (int i = 0; i < D; i++) x[i] = bf16_to_float(((uint16_t *)qkv)[o + i]);
+            else memcpy(x, (float *)qkv + o, sizeof(float) * D);
+            rotate_row(x, y, D, c, s);
+            if (bf16) for (int i = 0; i < D; i++) ((uint16_t *)qkv)[o + i] = to_bf16(y[i]);
+            else memcpy((float *)qkv + o, y, sizeof(float) * D);
+        }
+    }
+}
+
+#define CHUNK 4096  /* elements per work item of the elementwise kernels */
+
+/* x * sigmoid(1.702 x) in place on n values, as the reference's three ops compute it: in a bf16 tensor each op's
+   result is rounded to bf16 (torch computes sigmoid as 1 / (1 + exp(-t)) in float32). */
+void quick_gelu(void *x, size_t n, int bf16, int threads) {
+    const size_t chunks = (n + CHUNK - 1) / CHUNK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        const size_t i0 = c * CHUNK, i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        if (bf16) {
+            uint16_t *p = (uint16_t *)x;
+            for (size_t i = i0; i < i1; i++) {
+                const float v = bf16_to_float(p[i]);
+                const float sg = round_bf16(1.f / (1.f + exp_c(-round_bf16(v * 1.702f))));
+                p[i] = to_bf16(sg * v);
+            }
+        } else {
+            float *p = (float *)x;
+            for (size_t i = i0; i < i1; i++) p[i] = (1.f / (1.f + exp_c(-(p[i] * 1.702f)))) * p[i];
+        }
+    }
+}
+
+/* out (M, I) bfloat16 = silu(gate) * up for h (M, 2I) bfloat16 = [gate | up] (a fused gate/up projection's output):
+   in float32 as torch computes silu and the product, rounded once to bf16, the down projection's input dtype. */
+void silu_mul_bf16(const uint16_t *h, int M, int I, uint16_t *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        const uint16_t *g = h + (size_t)m * 2 * I, *u = g + I;
+        uint16_t *o = out + (size_t)m * I;
+        for (int i = 0; i < I; i++) o[i] = to_bf16(silu_c(bf16_to_float(g[i])) * bf16_to_float(u[i]));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   One decoder layer for one token (batch 1, decoding), in one call: the ~40 torch ops of a Qwen2 decoder layer for
+   a single row cost ~0.4 ms per layer in dispatch alone. The same steps in the same order, in float32: RMSNorm, the
+   fused q/k/v q4x4 matmul + bias, rotary, the K/V cache write, attention over the cache, o_proj, residual, RMSNorm,
+   fused gate/up, silu(gate) * up, down_proj, residual. Sums and exp are ordered differently from torch's.
+   ------------------------------------------------------------------------------------------------------------ */
+typedef struct {
+    int D, H, Hkv, hd, I;  /* hidden size, heads, kv heads, head dim, MLP size */
+    float eps;
+    const float *ln1, *ln2;  /* (D,) */
+    const uint8_t *qkv_w, *o_w, *gu_w, *dn_w;  /* q4x4 layouts: (H + 2 Hkv) hd x D, D x H hd, 2I x D, D x I */
+    const uint16_t *qkv_s, *o_s, *gu_s, *dn_s;
+    const uint8_t *qkv_z, *o_z, *gu_z, *dn_z;
+    const float *qkv_b;  /* ((H + 2 Hkv) hd,) */
+} decode_layer_t;
+
+static void rms_norm_row(const float *x, const float *w, int D, float eps, float *y) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= D; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] = MADD(x[i + l], x[i + l], acc[l]);
+    float ss = sum16(acc);
+    for (; i < D; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)D + eps);
+    for (i = 0; i < D; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* Softmax attention of one query head q over S cached positions k, v (S, hd) -> out (hd,); p: S floats of scratch. */
+static void attend(const float *q, const float *k, const float *v, int S, int hd, float scale, float *p,
+                   float *out) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int t = 0; t < S; t++) { p[t] = dot_c(q, k + (size_t)t * hd, hd) * scale; mx = p[t] > mx ? p[t] : mx; }
+    for (int t = 0; t < S; t++) p[t] = exp_c(p[t] - mx);
+    for (int t = 0; t < S; t++) sum += p[t];
+    for (int d = 0; d < hd; d++) out[d] = 0.f;
+    for (int t = 0; t < S; t++) {
+        const float wt = p[t] / sum;
+        const float *vt = v + (size_t)t * hd;
+        for (int d = 0; d < hd; d++) out[d] += wt * vt[d];
+    }
+}
+
+/* x (D,) float32 in place; cos, sin (hd,) for this position (sin sign-folded); kc, vc this layer's cache
+   (Hkv, cap, hd), `pos` positions filled (this token's k, v are written at pos). hd % 16 == 0, hd <= 512. */
+void decode_layer(const decode_layer_t *L, float *x, const float *cos, const float *sin, float *kc, float *vc,
+                  int cap, int pos, int threads) {
+    const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, S = pos + 1;
+    const int Nqkv = (H + 2 * Hkv) * hd;
+    float *a = malloc(sizeof(float) * (size_t)(D > H * hd ? D : H * hd));
+    float *qkv = malloc(sizeof(float) * Nqkv), *o = malloc(sizeof(float) * D);
+    float *att = malloc(sizeof(float) * (size_t)H * hd), *sc = malloc(sizeof(float) * (size_t)H * S);
+    float *gu = malloc(sizeof(float) * 2 * (size_t)I);
+    rms_norm_row(x, L->ln1, D, L->eps, a);
+    q4x4_gemv(a, 1, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
+    for (int i = 0; i < Nqkv; i++) qkv[i] += L->qkv_b[i];
+    for (int h = 0; h < H + Hkv; h++) {  /* q's heads, then k's */
+        float t[512];
+        memcpy(t, qkv + (size_t)h * hd, sizeof(float) * hd);
+        rotate_row(t, qkv + (size_t)h * hd, hd, cos, sin);
+    }
+    for (int g = 0; g < Hkv; g++) {
+        memcpy(kc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + g) * hd, sizeof(float) * hd);
+        memcpy(vc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + Hkv + g) * hd, sizeof(float) * hd);
+    }
+    const float scale = 1.f / sqrtf((float)hd);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int h = 0; h < H; h++) {
+        const size_t g = (size_t)(h / (H / Hkv)) * cap * hd;
+        attend(qkv + (size_t)h * hd, kc + g, vc + g, S, hd, scale, sc + (size_t)h * S, att + (size_t)h * hd);
+    }
+    q4x4_gemv(att, 1, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
+    for (int i = 0; i < D; i++) x[i] += o[i];
+    rms_norm_row(x, L->ln2, D, L->eps, a);
+    q4x4_gemv(a, 1, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
+    for (int i = 0; i < I; i++) gu[i] = silu_c(gu[i]) * gu[I + i];
+    q4x4_gemv(gu, 1, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
+    for (int i = 0; i < D; i++) x[i] += o[i];
+    free(a); free(qkv); free(o); free(att); free(sc); free(gu);
+}

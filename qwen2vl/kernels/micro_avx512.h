@@ -1,0 +1,174 @@
+/* AVX-512 (F, BW, VL; VNNI's vpdpwssd where the build has it) microkernels for kernels.c. */
+#include <immintrin.h>
+
+static const char QK_ISA_NAME[] = "avx512";
+#define QK_HAVE_TILE64 1
+
+static inline __m512i dot16(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+/* The integer dot product of 128 weights (four vectors of 32 int16, inputs 0-31, 32-63, 64-95, 96-127) with xg. */
+static inline __m512i dot128(__m512i w0, __m512i w1, __m512i w2, __m512i w3, const int16_t *xg) {
+    __m512i a = dot16(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xg));
+    a = dot16(a, w1, _mm512_loadu_si512(xg + 32));
+    a = dot16(a, w2, _mm512_loadu_si512(xg + 64));
+    return dot16(a, w3, _mm512_loadu_si512(xg + 96));
+}
+
+/* One input row (batch-1 decoding): the four rows' accumulators stay in registers and a group's activations are
+   loaded once for the four rows. Software prefetch 2 KB ahead measured ~20% faster than the hardware's alone. */
+static void q4x4_block1(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
+                        const float *xs, const float *xsum, float *out) {
+    const __m512i low = _mm512_set1_epi16(15);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    __m128 corr = _mm_setzero_ps();  /* the four rows' zero-point terms */
+    for (int g = 0; g < G; g++) {
+        const uint8_t *p = w + (size_t)g * 256;
+        for (int o = 0; o < 256; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
+        const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + g * 4))),
+                                    _mm_set1_ps(xs[g]));
+        uint32_t z4;
+        memcpy(&z4, zero + g * 4, 4);
+        const __m128 z = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)z4)));
+        corr = _mm_fmadd_ps(_mm_mul_ps(f, z), _mm_set1_ps(xsum[g]), corr);
+        const int16_t *xg = xq + g * 128;
+        const __m512i x0 = _mm512_loadu_si512(xg), x1 = _mm512_loadu_si512(xg + 32),
+                      x2 = _mm512_loadu_si512(xg + 64), x3 = _mm512_loadu_si512(xg + 96);
+        float fr[4];
+        _mm_storeu_ps(fr, f);
+#define ROW(r, acc) {                                                                                    \
+            const __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));  \
+            const __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32))); \
+            __m512i a = dot16(_mm512_setzero_si512(), _mm512_and_si512(b0, low), x0);                   \
+            a = dot16(a, _mm512_and_si512(b1, low), x1);                                               \
+            a = dot16(a, _mm512_srli_epi16(b0, 4), x2);                                                \
+            a = dot16(a, _mm512_srli_epi16(b1, 4), x3);                                                \
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(fr[r]), acc); }
+        ROW(0, acc0) ROW(1, acc1) ROW(2, acc2) ROW(3, acc3)
+#undef ROW
+    }
+    float c[4];
+    _mm_storeu_ps(c, corr);
+    out[0] = _mm512_reduce_add_ps(acc0) - c[0];
+    out[1] = _mm512_reduce_add_ps(acc1) - c[1];
+    out[2] = _mm512_reduce_add_ps(acc2) - c[2];
+    out[3] = _mm512_reduce_add_ps(acc3) - c[3];
+}
+
+/* out[m * 4 + r] = row r of this 4-row block (w, scale, zero at the block's first group) . x_m, for M <= 16. */
+static void q4x4_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
+                       const float *xs, const float *xsum, int M, int K, float *out) {
+    if (M == 1) {
+        q4x4_block1(w, scale, zero, G, xq, xs, xsum, out);
+        return;
+    }
+    const __m512i low = _mm512_set1_epi16(15);
+    __m512 acc[4][QK_MAX_M];
+    float corr[4][QK_MAX_M];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < M; m++) { acc[r][m] = _mm512_setzero_ps(); corr[r][m] = 0.f; }
+    for (int g = 0; g < G; g++) {
+        const uint8_t *p = w + (size_t)g * 256;
+        for (int o = 0; o < 256; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
+        float sw[4];
+        _mm_storeu_ps(sw, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + g * 4))));
+        for (int r = 0; r < 4; r++) {
+            const __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));
+            const __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32)));
+            const __m512i lo0 = _mm512_and_si512(b0, low), hi0 = _mm512_srli_epi16(b0, 4);
+            const __m512i lo1 = _mm512_and_si512(b1, low), hi1 = _mm512_srli_epi16(b1, 4);
+            const float z = (float)zero[g * 4 + r];
+            for (int m = 0; m < M; m++) {
+                const __m512i a = dot128(lo0, lo1, hi0, hi1, xq + (size_t)m * K + g * 128);
+                const float f = sw[r] * xs[m * G + g];
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(f), acc[r][m]);
+                corr[r][m] += f * z * xsum[m * G + g];
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < M; m++) out[m * 4 + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
+}
+
+/* out[m * 4 + r] = the integer-exact dot of q8x4 row r with x_m, scaled per group by xs (not by the row's scale). */
+static void q8x4_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
+    __m512 acc[4][QK_MAX_M];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        const int8_t *p = w + (size_t)2 * g * 256;  /* two 64-input chunks per group */
+        for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
+        for (int r = 0; r < 4; r++) {
+            const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));
+            const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32)));
+            const __m512i v2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 256 + r * 64)));
+            const __m512i v3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 256 + r * 64 + 32)));
+            for (int m = 0; m < M; m++) {
+                const __m512i a = dot128(v0, v1, v2, v3, xq + (size_t)m * K + g * 128);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[m * G + g]), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < M; m++) out[m * 4 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+static inline __m256i to_bf16_512(__m512 f) {  /* 16 floats -> 16 bf16, rounded as to_bf16 */
+    __m512i u = _mm512_castps_si512(f);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+/* 64 rows from n0 (a multiple of 4) of W^T's group g: each 4-byte gather across 16 rows gives 8 inputs' outputs
+   for those rows; the four 16-row parts of an input are written together (128 contiguous bytes in bf16, streamed
+   past the caches: the 55 MB of a fused gate/up in 6.5 ms against 7.5 ms through them). */
+static void dequant_tile64(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
+                           void *out, int bf16) {
+    const uint8_t *base = w + ((size_t)(n0 / 4) * G + g) * 256;
+    float sv[64], zv[64];
+    int idx[16];
+    for (int r = 0; r < 64; r++) {
+        const size_t m = ((size_t)((n0 + r) / 4) * G + g) * 4 + r % 4;
+        sv[r] = half_to_float(scale[m]);
+        zv[r] = (float)zero[m];
+    }
+    for (int r = 0; r < 16; r++) idx[r] = (r / 4) * G * 256 + (r % 4) * 64;
+    const __m512i vidx = _mm512_loadu_si512(idx), low = _mm512_set1_epi32(15);
+    for (int j = 0; j < 64; j += 4) {
+        __m512i v[4];
+        for (int c = 0; c < 4; c++)  /* bytes j..j+3 of rows n0 + 16c ... n0 + 16c + 15 */
+            v[c] = _mm512_i32gather_epi32(vidx, base + (size_t)c * 4 * G * 256 + j, 1);
+        for (int b = 0; b < 8; b++) {  /* b < 4: low nibbles (input j + b), else high (input 64 + j + b - 4) */
+            const int shift = b < 4 ? 8 * b : 8 * (b - 4) + 4, k = g * 128 + (b < 4 ? j + b : 64 + j + b - 4);
+            const size_t o = (size_t)k * N + n0;
+            __m512 f[4];
+            for (int c = 0; c < 4; c++) {
+                const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v[c], shift), low);
+                f[c] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), _mm512_loadu_ps(zv + 16 * c)),
+                                     _mm512_loadu_ps(sv + 16 * c));
+            }
+            if (bf16) {
+                uint16_t *d = (uint16_t *)out + o;
+                const __m512i l0 = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(f[0])), to_bf16_512(f[1]), 1);
+                const __m512i l1 = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(f[2])), to_bf16_512(f[3]), 1);
+                if (((uintptr_t)d & 63) == 0) {
+                    _mm512_stream_si512((__m512i *)d, l0);
+                    _mm512_stream_si512((__m512i *)(d + 32), l1);
+                } else {
+                    _mm512_storeu_si512(d, l0);
+                    _mm512_storeu_si512(d + 32, l1);
+                }
+            } else {
+                for (int c = 0; c < 4; c++) _mm512_storeu_ps((float *)out + o + 16 * c, f[c]);
+            }
+        }
+    }
+    _mm_sfence();
+}

@@ -1,0 +1,78 @@
+/* A self-test of kernels.c without Python, for CPUs the test machine can only emulate (ARM64 under qemu-user):
+   every exported kernel on fixed pseudo-random inputs, each result printed as "name index value" (hex floats).
+   tests/test_kernels_build.py builds it once per ISA level and compares the levels' outputs. */
+#include <stdio.h>
+
+#include "kernels.c"
+
+static uint32_t state = 12345u;
+static float rnd(void) {  /* uniform in [-1, 1) */
+    state = state * 1664525u + 1013904223u;
+    return (float)(state >> 8) / 8388608.f - 1.f;
+}
+
+static void show(const char *name, const float *v, int n) {
+    for (int i = 0; i < n; i++) printf("%s %d %a\n", name, i, v[i]);
+}
+
+int main(void) {
+    enum { N = 200, K = 384, G = K / 128, M = 3 };
+    static uint8_t w4[N / 4 * G * 256], z4[N / 4 * G * 4];
+    static uint16_t s4[N / 4 * G * 4];
+    static int8_t w8[N / 4 * (K / 64) * 256];
+    static float s8[N], x[M * K], y[M * N], wt[K * N];
+    for (size_t i = 0; i < sizeof w4; i++) w4[i] = (uint8_t)(rnd() * 128 + 128);
+    for (size_t i = 0; i < sizeof z4; i++) z4[i] = (uint8_t)(rnd() * 8 + 8);
+    for (size_t i = 0; i < sizeof s4 / 2; i++) s4[i] = 0x2000 + (uint16_t)(rnd() * 512 + 512);  /* fp16 ~0.01 */
+    for (size_t i = 0; i < sizeof w8; i++) w8[i] = (int8_t)(rnd() * 127);
+    for (int i = 0; i < N; i++) s8[i] = 0.01f + 0.001f * rnd();
+    for (int i = 0; i < M * K; i++) x[i] = rnd() * 3;
+
+    q4x4_gemv(x, 1, K, N, w4, s4, z4, y, 1);
+    show("q4x4_m1", y, N);
+    q4x4_gemv(x, M, K, N, w4, s4, z4, y, 2);
+    show("q4x4_m3", y, M * N);
+    q8x4_gemv(x, M, K, N, w8, s8, y, 2);
+    show("q8x4_m3", y, M * N);
+    q4x4_dequant_t(w4, s4, z4, N, K, wt, 0, 2);
+    show("dequant_f32", wt, K * N);
+
+    static float g[M * 2 * 40], act[4096];
+    static uint16_t gb[M * 2 * 40], ob[M * 40];
+    for (int i = 0; i < 4096; i++) act[i] = rnd() * 8;
+    quick_gelu(act, 4096, 0, 2);
+    show("quick_gelu", act, 4096);
+    for (int i = 0; i < M * 80; i++) { g[i] = rnd() * 4; gb[i] = to_bf16(g[i]); }
+    silu_mul_bf16(gb, M, 40, ob, 2);
+    for (int i = 0; i < M * 40; i++) g[i] = bf16_to_float(ob[i]);
+    show("silu_mul_bf16", g, M * 40);
+
+    enum { H = 4, D = 64 };
+    static float qkv[5 * 3 * H * D], cs[5 * D], sn[5 * D];
+    for (int i = 0; i < 5 * 3 * H * D; i++) qkv[i] = rnd();
+    for (int i = 0; i < 5 * D; i++) { cs[i] = rnd(); sn[i] = rnd(); }
+    rotary_qk(qkv, 5, H, D, cs, sn, 0, 2);
+    show("rotary_qk", qkv, 5 * 3 * H * D);
+
+    /* One decoder layer of 128 hidden, 2 heads (1 kv head) of 64, MLP 256, at position 2 of a 4-slot cache. */
+    enum { Dm = 128, Hq = 2, Hkv = 1, hd = 64, I = 256, cap = 4 };
+    static uint8_t qw[(Hq + 2 * Hkv) * hd / 4 * 256], ow[Dm / 4 * 256], guw[2 * I / 4 * 256], dw[Dm / 4 * 2 * 256];
+    static uint16_t qs[(Hq + 2 * Hkv) * hd], os[Dm], gus[2 * I], ds[Dm * 2];
+    static uint8_t qz[(Hq + 2 * Hkv) * hd], oz[Dm], guz[2 * I], dz[Dm * 2];
+    static float ln1[Dm], ln2[Dm], qb[(Hq + 2 * Hkv) * hd], xl[Dm], kc[Hkv * cap * hd], vc[Hkv * cap * hd];
+    uint8_t *ws[] = {qw, ow, guw, dw}, *zs[] = {qz, oz, guz, dz};
+    uint16_t *ss[] = {qs, os, gus, ds};
+    size_t wn[] = {sizeof qw, sizeof ow, sizeof guw, sizeof dw}, mn[] = {sizeof qz, sizeof oz, sizeof guz, sizeof dz};
+    for (int t = 0; t < 4; t++) {
+        for (size_t i = 0; i < wn[t]; i++) ws[t][i] = (uint8_t)(rnd() * 128 + 128);
+        for (size_t i = 0; i < mn[t]; i++) { zs[t][i] = (uint8_t)(rnd() * 8 + 8); ss[t][i] = 0x2000 + (uint16_t)(rnd() * 512 + 512); }
+    }
+    for (int i = 0; i < Dm; i++) { ln1[i] = 1 + 0.1f * rnd(); ln2[i] = 1 + 0.1f * rnd(); xl[i] = rnd(); }
+    for (int i = 0; i < (Hq + 2 * Hkv) * hd; i++) qb[i] = 0.1f * rnd();
+    for (int i = 0; i < Hkv * cap * hd; i++) { kc[i] = rnd(); vc[i] = rnd(); }
+    decode_layer_t L = {Dm, Hq, Hkv, hd, I, 1e-6f, ln1, ln2, qw, ow, guw, dw, qs, os, gus, ds, qz, oz, guz, dz, qb};
+    decode_layer(&L, xl, cs, sn, kc, vc, cap, 2, 2);
+    show("decode_layer", xl, Dm);
+    printf("isa %s\n", kernels_isa());
+    return 0;
+}
