@@ -1,12 +1,14 @@
-"""`qwen2vl bench`: qwen2vl and transformers side by side on random-weight checkpoints of the real 2B shape.
+"""`qwen2vl bench`: qwen2vl and its peers side by side on random-weight checkpoints of the real 2B shape: transformers
+fp32, and optionally llama.cpp (GGUF files of the same checkpoint) and OpenVINO (an int4 export of it).
 
-Each engine runs in its own worker process (so peak RSS is its own) and measures the same work: vision encode of a
-448x448 and an 896x896 image, prefill of 256 and 1024 text tokens, batch-1 decode of 128 tokens, time to first token
-for a 448x448 image plus a short question, and peak RSS. Weights are random: speed does not depend on their values.
+Each engine runs in its own worker process (bench_worker.py; so peak RSS is its own) and measures the same work:
+vision encode of a 448x448 and an 896x896 image, prefill of 256 and 1024 text tokens, batch-1 decode, time to first
+token for a 448x448 and an 896x896 image plus a short question, and peak RSS. Weights are random: speed does not
+depend on their values.
 
-Shared machines slow down and speed up by tens of percent over minutes (other tenants' memory traffic), so the two
-workers take turns item by item for several rounds (which one goes first alternates), and the table reports each
-engine's best round and its median round: both engines see the same conditions.
+Shared machines slow down and speed up by tens of percent over minutes (other tenants' memory traffic), so the
+workers take turns item by item for several rounds (the order rotating), and the table reports each engine's best
+round and its median round: every engine sees the same conditions.
 """
 
 from __future__ import annotations
@@ -20,122 +22,42 @@ import sys
 import time
 from pathlib import Path
 
-WORK = r"""
-import json, os, sys, time
-import torch
-torch.manual_seed(0)
-def peak_rss():  # the kernel's high-water mark of this process's resident set (no sampling thread to perturb timing)
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-engine, ckpt, image, decode_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-from PIL import Image
-img = Image.open(image).convert("RGB")
-question = "Describe this image."
-def timed(f):
-    t = time.perf_counter(); r = f(); return r, time.perf_counter() - t
-
-if engine == "qwen2vl":
-    from qwen2vl import Qwen2VL
-    from qwen2vl.generate import Generation
-    from qwen2vl.datatypes import ModelInputs
-    model, load_s = timed(lambda: Qwen2VL.from_pretrained(ckpt, progress=False))
-    m, proc = model.model, model.processor
-    def vision(size):
-        x = proc([{"role": "user", "content": [{"type": "image", "image": img, "resized_height": size,
-                                                "resized_width": size}]}])
-        with torch.inference_mode():
-            return timed(lambda: m.encode_vision(x.pixel_values, x.image_grid_thw))[1]
-    def prefill(n):
-        ids = torch.randint(1000, 100000, (1, n))
-        with torch.inference_mode():
-            pos, _ = m.positions(ModelInputs(ids, torch.ones_like(ids)))
-            return timed(lambda: m.lm_head(m(m.embed(ids), pos, torch.ones_like(ids).bool())[:, -1]))[1]
-    def decode(n):
-        ids = torch.randint(1000, 100000, (1, 32))
-        gen = Generation(m, ModelInputs(ids, torch.ones_like(ids)), [model.sampling(max_new_tokens=n + 1,
-                         min_new_tokens=n + 1, temperature=0)])
-        steps = iter(gen); next(steps)  # prefill + first token
-        t = time.perf_counter()
-        for _ in steps: pass
-        return n / (time.perf_counter() - t)
-    def ttft():
-        conv = [{"role": "user", "content": [{"type": "image", "image": img, "resized_height": 448,
-                                              "resized_width": 448}, {"type": "text", "text": question}]}]
-        model.vision_cache.entries.clear()
-        t = time.perf_counter()
-        for _ in model.chat(conv, stream=True, max_new_tokens=1, min_new_tokens=1): break
-        return time.perf_counter() - t
-else:
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    model, load_s = timed(lambda: Qwen2VLForConditionalGeneration.from_pretrained(
-        ckpt, dtype=torch.float32, attn_implementation="sdpa").eval())
-    proc = Qwen2VLProcessor.from_pretrained(ckpt)
-    def vision(size):
-        x = proc.image_processor(images=[img.resize((size, size))], return_tensors="pt")
-        with torch.inference_mode():
-            return timed(lambda: model.model.visual(x["pixel_values"], grid_thw=x["image_grid_thw"]))[1]
-    def prefill(n):
-        ids = torch.randint(1000, 100000, (1, n))
-        with torch.inference_mode():
-            return timed(lambda: model(input_ids=ids, logits_to_keep=1))[1]
-    def decode(n):
-        ids = torch.randint(1000, 100000, (1, 32))
-        with torch.inference_mode():
-            _, t1 = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
-            _, tn = timed(lambda: model.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False))
-        return n / (tn - t1)
-    def ttft():
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        t = time.perf_counter()
-        x = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], images=[img.resize((448, 448))],
-                 return_tensors="pt")
-        with torch.inference_mode():
-            model.generate(**x, max_new_tokens=1, do_sample=False)
-        return time.perf_counter() - t
-vision(224)  # warm up
-prefill(16)
-work = {"vision_448_s": lambda: vision(448), "vision_896_s": lambda: vision(896),
-        "prefill_256_tps": lambda: 256 / prefill(256), "prefill_1024_tps": lambda: 1024 / prefill(1024),
-        "decode_tps": lambda: decode(decode_tokens), "ttft_448_s": ttft,
-        "load_s": lambda: load_s, "peak_rss_gb": lambda: peak_rss() / 2**30}
-print("READY", flush=True)
-for line in sys.stdin:  # one item per line, from the parent
-    print("RESULT", json.dumps(work[line.strip()]()), flush=True)
-"""
+WORKER = Path(__file__).with_name("bench_worker.py")
 
 ROWS = [("load_s", "load (s)", False), ("vision_448_s", "vision encode 448x448 (s)", False),
         ("vision_896_s", "vision encode 896x896 (s)", False), ("prefill_256_tps", "prefill 256 tokens (tok/s)", True),
         ("prefill_1024_tps", "prefill 1024 tokens (tok/s)", True), ("decode_tps", "decode, batch 1 (tok/s)", True),
         ("ttft_448_s", "time to first token, 448x448 + question (s)", False),
+        ("ttft_896_s", "time to first token, 896x896 + question (s)", False),
         ("peak_rss_gb", "peak RSS (GiB)", False)]
 
-
-ITEMS = ["vision_448_s", "vision_896_s", "prefill_256_tps", "prefill_1024_tps", "decode_tps", "ttft_448_s"]
+ITEMS = ["vision_448_s", "vision_896_s", "prefill_256_tps", "prefill_1024_tps", "decode_tps", "ttft_448_s",
+         "ttft_896_s"]
 
 
 class Worker:
-    """One engine's benchmark process: loads its model, then runs one work item per request."""
+    """One engine's benchmark process (bench_worker.py): loads its model, then runs one work item per request."""
 
-    def __init__(self, engine: str, ckpt: Path, image: Path, decode_tokens: int, threads: int,
-                 python: str = sys.executable):
+    def __init__(self, name: str, engine: str, model: Path | str, image: Path, decode_tokens: int, threads: int,
+                 python: str = sys.executable, extra: str | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_VERBOSITY": "error"}
-        self.engine = engine
-        self.proc = subprocess.Popen([python, "-c", WORK, engine, str(ckpt), str(image), str(decode_tokens)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.name = name
+        cmd = [python, str(WORKER), engine, str(model), str(image), str(decode_tokens)] + ([extra] if extra else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._expect("READY")
 
     def _expect(self, tag: str) -> str:
         for line in self.proc.stdout:
             if line.startswith(tag):
                 return line[len(tag):].strip()
-        raise RuntimeError(f"the {self.engine} benchmark worker failed (exit code {self.proc.wait()}; "
+        raise RuntimeError(f"the {self.name} benchmark worker failed (exit code {self.proc.wait()}; "
                            "its error is above)")
 
-    def run(self, item: str) -> float:
+    def run(self, item: str) -> float | None:
         self.proc.stdin.write(item + "\n")
         self.proc.stdin.flush()
-        return float(json.loads(self._expect("RESULT")))
+        return json.loads(self._expect("RESULT"))
 
     def close(self) -> None:
         try:
@@ -147,18 +69,21 @@ class Worker:
 
 def measure(workers: list[Worker], rounds: int) -> list[tuple[dict, dict]]:
     """(best, median) per worker of every item over `rounds` rounds; in each round the workers take turns on each
-    item, the first one alternating between rounds."""
+    item, the order rotating between rounds. Items an engine cannot measure are None."""
     runs = [{item: [] for item in ITEMS} for _ in workers]
     for r in range(rounds):
         for item in ITEMS:
-            order = list(range(len(workers)))[::-1 if r % 2 else 1]
+            order = list(range(len(workers)))
+            order = order[r % len(order):] + order[:r % len(order)]
             for i in order:
-                runs[i][item].append(workers[i].run(item))
+                v = workers[i].run(item)
+                if v is not None:
+                    runs[i][item].append(v)
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     out = []
     for w, run in zip(workers, runs):
-        best = {k: (max(v) if k.endswith("_tps") else min(v)) for k, v in run.items()}
-        median = {k: statistics.median(v) for k, v in run.items()}
+        best = {k: (max(v) if k.endswith("_tps") else min(v)) for k, v in run.items() if v}
+        median = {k: statistics.median(v) for k, v in run.items() if v}
         for extra in ("load_s", "peak_rss_gb"):
             best[extra] = median[extra] = w.run(extra)
         out.append((best, median))
@@ -178,23 +103,28 @@ def machine() -> str:
         pass
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+    from .kernels import cpu_flags
+
+    flags = sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                                  "amx_bf16", "amx_int8", "asimd", "asimddp", "sve"})
+    return (f"{cpu} ({' '.join(flags) or 'no SIMD flags read'}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.backends.cpu.get_cpu_capability()}), {platform.python_version()}")
 
 
-def table(ours: dict, ref: dict | None, threads: int, ours_name: str, ref_name: str) -> str:
-    head = f"| work | {ref_name} | {ours_name} | ratio |" if ref else f"| work | {ours_name} |"
-    lines = [head, "|---|---|---|---|" if ref else "|---|---|"]
+def table(columns: list[tuple[str, dict]], threads: int) -> str:
+    """One row per work item, one column per engine (the first is qwen2vl), then qwen2vl's ratio to each other."""
+    names = [n for n, _ in columns]
+    lines = ["| work | " + " | ".join(names) + "".join(f" | vs {n}" for n in names[1:]) + " |",
+             "|---" * (2 * len(names)) + "|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    ours = columns[0][1]
     for key, name, higher_better in ROWS:
-        a = ours.get(key)
-        if ref:
-            b = ref.get(key)
-            ratio = (a / b if higher_better else b / a) if a and b else float("nan")
-            lines.append(f"| {name} | {b:.2f} | {a:.2f} | {ratio:.2f}x |")
-        else:
-            lines.append(f"| {name} | {a:.2f} |")
-    note = f"\n{threads} threads; ratio > 1 means qwen2vl is better (faster or smaller)." if ref else ""
-    return "\n".join(lines) + note
+        cells = [fmt(c.get(key)) for _, c in columns]
+        for _, c in columns[1:]:
+            a, b = ours.get(key), c.get(key)
+            cells.append(f"{(a / b if higher_better else b / a):.2f}x" if a and b else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n{threads} threads; ratio > 1 means qwen2vl is better (faster or smaller)."
 
 
 def main(args) -> int:
@@ -209,26 +139,35 @@ def main(args) -> int:
         print(f"quantizing {bf16} -> {awq}", file=sys.stderr)
         quantize_checkpoint(bf16, awq, progress=True)
     image = Path(args.image) if args.image else assets / "images" / "astronaut.png"
-    import torch
-
-    torch.set_num_threads(args.threads)
+    peers = [] if args.no_transformers else [("transformers fp32 (2B)", "transformers", bf16, sys.executable, None)]
+    for gguf in args.gguf or []:
+        if not (args.llama_cpp and args.mmproj):
+            raise ValueError("--gguf needs --llama-cpp DIR (llama.cpp's bin folder) and --mmproj FILE")
+        peers.append((f"llama.cpp {Path(gguf).stem}", "llamacpp", gguf, sys.executable,
+                      f"{args.llama_cpp}:{args.mmproj}"))
+    if args.openvino:
+        python = args.openvino_python or str(Path(args.openvino).parent / "venv" / "bin" / "python")
+        peers.append(("OpenVINO int4", "openvino", args.openvino, python, None))
     print(f"loading qwen2vl on {awq} ...", file=sys.stderr)
-    workers = [Worker("qwen2vl", awq, image, args.decode_tokens, args.threads, args.python or sys.executable)]
-    if not args.no_transformers:
-        print(f"loading transformers fp32 on {bf16} ...", file=sys.stderr)
-        workers.append(Worker("transformers", bf16, image, args.decode_tokens, args.threads))
+    workers = [Worker("qwen2vl (2B AWQ)", "qwen2vl", awq, image, args.decode_tokens, args.threads,
+                      args.python or sys.executable)]
     try:
+        for name, engine, model, python, extra in peers:
+            print(f"loading {name} ...", file=sys.stderr)
+            workers.append(Worker(name, engine, model, image, args.decode_tokens, args.threads, python, extra))
         results = measure(workers, args.rounds)
+        plan = workers[0].run("plan")
     finally:
         for w in workers:
             w.close()
-    (ours_best, ours_median), (ref_best, ref_median) = results if len(results) == 2 else (results[0], (None, None))
-    names = ("qwen2vl (2B AWQ)", "transformers fp32 (2B)")
-    text = (f"Best of {args.rounds} alternating rounds:\n\n" + table(ours_best, ref_best, args.threads, *names)
-            + f"\n\nMedian of the {args.rounds} rounds:\n\n" + table(ours_median, ref_median, args.threads, *names))
+    names = [w.name for w in workers]
+    text = (f"Best of {args.rounds} rounds:\n\n" + table([(n, b) for n, (b, _) in zip(names, results)], args.threads)
+            + f"\n\nMedian of the {args.rounds} rounds:\n\n"
+            + table([(n, m) for n, (_, m) in zip(names, results)], args.threads))
     if args.python:
         text += f"\nqwen2vl ran under {args.python} (torch {torch_build(args.python)})."
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine()}"
+    text = f"qwen2vl's load plan: {plan}.\n\n{text}"
     print(f"\n{stamp}\n\n{text}")
     if args.append:
         with open(args.append, "a") as f:

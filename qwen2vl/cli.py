@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
 
-    b = sub.add_parser("bench", help="qwen2vl and transformers side by side on random 2B checkpoints")
+    b = sub.add_parser("bench", help="qwen2vl and its peers side by side on random 2B checkpoints")
     b.add_argument("--assets", default=os.environ.get("QWEN2VL_ASSETS", "../shared/assets"),
                    help="folder with qwen2-vl-2b-instruct/ (config, tokenizer) and images/")
     b.add_argument("--bf16", default="checkpoints/qwen2-vl-2b-instruct-random-bf16", help="made if absent")
@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--python", help="the interpreter for qwen2vl's side (e.g. a venv with torch's CPU build, "
                                     "as a CPU user installs it); default: this one")
     b.add_argument("--append", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
+    b.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's bin folder (llama-bench, llama-mtmd-cli): a column "
+                                                      "per --gguf (../shared/tools/llama-anchor.sh builds both)")
+    b.add_argument("--gguf", action="append", metavar="FILE", help="a GGUF of the BF16 checkpoint (repeatable)")
+    b.add_argument("--mmproj", metavar="FILE", help="llama.cpp's vision GGUF (mmproj) of the same checkpoint")
+    b.add_argument("--openvino", metavar="DIR", help="an OpenVINO export of the BF16 checkpoint (a column; "
+                                                     "../shared/tools/openvino-anchor.sh makes it)")
+    b.add_argument("--openvino-python", metavar="PY", help="the interpreter with openvino_genai (default: DIR/../venv)")
 
     info = sub.add_parser("info", help="this machine, its native kernels, and the plan a model would load with")
     info.add_argument("--model", help="a checkpoint directory or hub id whose config.json the plan is made for")
