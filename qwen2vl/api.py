@@ -13,7 +13,7 @@ from .config import Qwen2VLConfig
 from .cpu import Plan
 from .datatypes import ModelInputs
 from .errors import CheckpointError
-from .generate import ChatResult, Generation, TextDelta, VisionCache, stream_text, usage
+from .generate import ChatResult, Generation, TextDelta, VisionCache, chat_result, stream_text
 from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .model import Qwen2VLModel
 from .processor import Processor
@@ -163,11 +163,4 @@ def _collect(deltas: Iterator[TextDelta], inputs: ModelInputs, config: Qwen2VLCo
 
 def _result(parts: list[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig, params: SamplingParams,
             row: int) -> ChatResult:
-    text = "".join(d.text for d in parts)
-    return ChatResult(
-        text=text, token_ids=[d.token for d in parts],
-        boxes=grounding.parse(text, inputs.image_sizes[row] if inputs.image_sizes else None),
-        finish_reason=parts[-1].finish_reason or "length",
-        usage=usage(inputs, row, len(parts), config.image_token_id, config.video_token_id),
-        logprobs=[d.logprob for d in parts] if params.logprobs else None,
-        top_logprobs=[d.top_logprobs for d in parts] if params.logprobs and params.top_logprobs else None)
+    return chat_result(parts, inputs, row, config.image_token_id, config.video_token_id, bool(params.logprobs))

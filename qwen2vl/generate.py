@@ -18,6 +18,7 @@ from .cache import KVCache
 from .chat import TextStream, Tokenizer
 from .datatypes import ModelInputs
 from .grounding import Box
+from .grounding import parse as parse_boxes
 from .model import Qwen2VLModel
 from .sampling import Sampler, SamplingParams, logprobs
 
@@ -209,6 +210,20 @@ def stream_text(generation: Generation, tokenizer: Tokenizer) -> Iterator[TextDe
             yield TextDelta(row, text, token, finish,
                             None if step.logprobs is None else step.logprobs[i],
                             None if step.top_logprobs is None else step.top_logprobs[i])
+
+
+def chat_result(deltas: list[TextDelta], inputs: ModelInputs, row: int, image_token_id: int, video_token_id: int,
+                with_logprobs: bool = False) -> ChatResult:
+    """One row's finished answer from its deltas: the one place a ChatResult is made (API, CLI, server, batch)."""
+    text = "".join(d.text for d in deltas)
+    return ChatResult(
+        text=text, token_ids=[d.token for d in deltas],
+        boxes=parse_boxes(text, inputs.image_sizes[row] if inputs.image_sizes else None),
+        finish_reason=(deltas[-1].finish_reason if deltas else None) or "length",
+        usage=usage(inputs, row, len(deltas), image_token_id, video_token_id),
+        logprobs=[d.logprob for d in deltas] if with_logprobs else None,
+        top_logprobs=[d.top_logprobs for d in deltas] if with_logprobs and any(d.top_logprobs for d in deltas)
+        else None)
 
 
 def usage(inputs: ModelInputs, row: int, completion: int, image_token_id: int, video_token_id: int) -> Usage:

@@ -20,9 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import grounding
 from ..errors import InputError, Qwen2VLError
-from ..generate import TextDelta, Usage, usage
+from ..generate import TextDelta, Usage, chat_result, usage
 from ..inputs.fetch import MediaPolicy
 from .scheduler import Job, Scheduler
 from .schema import ChatCompletionRequest
@@ -95,18 +94,15 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
             if isinstance(item, Exception):
                 return error(500, f"generation failed: {item}", "server_error")
             deltas.append(item)
-        text = "".join(d.text for d in deltas)
-        u = usage(inputs, 0, len(deltas), model.config.image_token_id, model.config.video_token_id)
-        message = {"role": "assistant", "content": text}
-        boxes = grounding.parse(text, inputs.image_sizes[0] if inputs.image_sizes else None)
-        if boxes:  # an extension field; OpenAI clients ignore it (the openai package exposes it as model_extra)
+        r = chat_result(deltas, inputs, 0, model.config.image_token_id, model.config.video_token_id)
+        message = {"role": "assistant", "content": r.text}
+        if r.boxes:  # an extension field; OpenAI clients ignore it (the openai package exposes it as model_extra)
             message["boxes"] = [{"label": b.label, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "image": b.image}
-                                for b in boxes]
-        choice = {"index": 0, "message": message,
-                  "finish_reason": deltas[-1].finish_reason if deltas else "length",
+                                for b in r.boxes]
+        choice = {"index": 0, "message": message, "finish_reason": r.finish_reason,
                   "logprobs": logprobs_block(deltas, processor.tokenizer) if body.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [choice], "usage": usage_block(u)}
+                "choices": [choice], "usage": usage_block(r.usage)}
 
     return app
 
