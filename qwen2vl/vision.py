@@ -87,7 +87,7 @@ class VisionAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.rotate = rotate_qk  # a loader may swap in a native kernel that rotates in place (quant.native_vision)
+        self.rotate = rotate_qk  # the load plan may swap in a native kernel that rotates in place (cpu.vision)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         N = x.shape[0]

@@ -7,8 +7,12 @@ plus a question:
   - decode: 32 greedy steps of the fast model (its int4 decode kernel and the LM head's int8 scan), each step's
     logits against the reference logits of the same sequence (teacher-forced), and whether each greedy choice
     equals the reference argmax.
-Usage: python scripts/fast_paths_accuracy.py [checkpoint]  (default: checkpoints/qwen2-vl-2b-instruct-random-awq,
-built by `qwen2vl bench`).
+With --outliers, a few hidden channels of the decoder carry activations ~30x larger than the rest, as in trained
+Qwen2 models (random weights have none): both models' RMSNorm weights are scaled up on 4 channels, so every
+projection's input has them. Run it under QWEN2VL_ISA=... to measure another kernel level's plan.
+
+Usage: python scripts/fast_paths_accuracy.py [checkpoint] [--outliers]  (default checkpoint:
+checkpoints/qwen2-vl-2b-instruct-random-awq, built by `qwen2vl bench`).
 """
 
 import sys
@@ -45,12 +49,30 @@ def decode_logits(model, x: ModelInputs, steps: int) -> tuple[torch.Tensor, torc
     return torch.stack(out), torch.tensor(tokens)
 
 
+OUTLIER_CHANNELS, OUTLIER_GAIN = [17, 404, 931, 1290], 30.0
+
+
+def add_outlier_channels(model) -> None:
+    """Scale the decoder's RMSNorm weights up on a few channels, in place (the native decode layer points at them)."""
+    with torch.no_grad():
+        for layer in model.model.model.layers:
+            layer = getattr(layer, "layer", layer)  # a NativeDecoderLayer wraps the model's layer
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[OUTLIER_CHANNELS] *= OUTLIER_GAIN
+
+
 def main() -> None:
-    ckpt = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "checkpoints" / "qwen2-vl-2b-instruct-random-awq"
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    ckpt = Path(args[0]) if args else ROOT / "checkpoints" / "qwen2-vl-2b-instruct-random-awq"
     exact = Qwen2VL.from_pretrained(ckpt, fast=False, progress=False)
     fast = Qwen2VL.from_pretrained(ckpt, progress=False)
-    print(f"fast paths: vision {fast.model.visual.blocks[0].mlp.fc1.weight.dtype}, "
-          f"head {type(fast.model.lm_head).__name__}")
+    if "--outliers" in sys.argv:
+        add_outlier_channels(exact)
+        add_outlier_channels(fast)
+        print(f"outlier channels {OUTLIER_CHANNELS} x{OUTLIER_GAIN:g} at every decoder RMSNorm")
+    p = fast.plan
+    print(f"fast paths (plan): kernels {p.isa}, vision {p.vision_dtype}, prefill {p.prefill_dtype}, decode {p.decode}, "
+          f"head {p.head}")
     image = ROOT.parent / "shared" / "assets" / "images" / "astronaut.png"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 100000, (1, 256), generator=g)

@@ -73,6 +73,15 @@ int main(void) {
     decode_layer_t L = {Dm, Hq, Hkv, hd, I, 1e-6f, ln1, ln2, qw, ow, guw, dw, qs, os, gus, ds, qz, oz, guz, dz, qb};
     decode_layer(&L, xl, cs, sn, kc, vc, cap, 2, 2);
     show("decode_layer", xl, Dm);
+
+    /* The vision attention over two segments of 70 rows, 2 heads of 32. */
+    enum { AL = 70, AH = 2, AD = 32 };
+    static uint16_t aqkv[2 * AL * 3 * AH * AD], aout[2 * AL * AH * AD];
+    static float af[2 * AL * AH * AD];
+    for (int i = 0; i < 2 * AL * 3 * AH * AD; i++) aqkv[i] = to_bf16(2 * rnd());
+    vit_attention_bf16(aqkv, 2 * AL, AH, AD, AL, aout, 0.17677669f, 2);
+    for (int i = 0; i < 2 * AL * AH * AD; i++) af[i] = bf16_to_float(aout[i]);
+    show("vit_attention_bf16", af, 2 * AL * AH * AD);
     printf("isa %s\n", kernels_isa());
     return 0;
 }

@@ -197,3 +197,20 @@ def test_cpu_image_budget_downscales_with_a_notice(assets, caplog):
     with caplog.at_level(logging.WARNING, logger="qwen2vl"):
         proc(small)
     assert not caplog.records  # the item's own max_pixels: not the budget's doing
+
+
+@pytest.mark.parametrize("segment, count", [(300, 2), (64, 1), (1024, 1)])
+def test_native_vit_attention_matches_sdpa(native, segment, count):
+    """The native bf16 attention within segments against float32 SDPA on the same bf16 q, k, v: no further from it
+    than torch's own bf16 SDPA is (plus one bf16 step of the output), at segment lengths that are and are not
+    multiples of the 64-key block."""
+    g = torch.Generator().manual_seed(segment)
+    H, D = 4, 80
+    qkv = (torch.randn(segment * count, 3, H, D, generator=g) * 2).bfloat16()
+    q, k, v = (t.view(count, segment, H, D).transpose(1, 2) for t in qkv.unbind(1))  # (S, H, L, D)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch_bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+    got = native.vit_attention_bf16(qkv, segment).float().view(count, segment, H, D).transpose(1, 2)
+    err, yardstick = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
+    print(f"native {err:.2e}, torch bf16 {yardstick:.2e} (max |out| {ref.abs().max().item():.2f})")
+    assert err <= 2 * yardstick + 2**-8 * ref.abs().max().item()

@@ -29,7 +29,8 @@ def swap_after_load(module: nn.Module, plan: Plan) -> None:
             for i, layer in enumerate(text.layers):
                 if NativeDecoderLayer.applies(layer):
                     text.layers[i] = NativeDecoderLayer(layer, k)
-    _vision.swap(module.visual, k if plan.vision_kernels else None, plan.vision_linear == "packed")
+    _vision.swap(module.visual, k if plan.vision_kernels else None, plan.vision_linear == "packed",
+                 plan.vision_attention == "native")
 
 
 __all__ = ["NativeDecoderLayer", "PackedLinear", "Plan", "PrefillMLP", "ScanHead", "decide", "swap_after_load"]

@@ -31,6 +31,7 @@ class Plan:
     vision_dtype: torch.dtype  # the vision tower's compute dtype
     vision_linear: str  # "packed" (oneDNN-prepacked bf16 weights) | "torch"
     vision_kernels: bool  # native rotary and quick_gelu in the vision tower
+    vision_attention: str  # "native" (kernels.c bf16 flash attention) | "torch" (SDPA)
     prefill_dtype: torch.dtype  # quantized matmuls over many rows: dequantized weights in this dtype
     decode: str  # quantized matmuls over few rows: "native-layer" | "q4x4" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
@@ -43,7 +44,8 @@ class Plan:
     def describe(self) -> str:
         rows = [("device", self.device), ("fast paths", "on" if self.fast else "off (float32 exact)"),
                 ("native kernels", self.isa or "none (torch ops)"),
-                ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears"
+                ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears, "
+                           f"{self.vision_attention} attention"
                            + (", native rotary and quick_gelu" if self.vision_kernels else "")),
                 ("prefill matmuls", _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
                 ("LM head", self.head)]
@@ -57,7 +59,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     """The plan for `cfg` on `device` with compute dtype `compute`. The fast paths are on unless `fast` is False,
     where they apply (`applies`: a quantized checkpoint with 16-bit storage computed in float32 on a CPU)."""
     if device.type != "cpu":
-        return Plan(str(device), False, None, compute, "torch", False, compute, "reference", "exact",
+        return Plan(str(device), False, None, compute, "torch", False, "torch", compute, "reference", "exact",
                     {"device": "not a CPU: torch's own kernels"})
     reasons = {}
     k = kernels.load()
@@ -68,14 +70,17 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     if fast is False or not applies:
         decode = "float32" if k is not None else "reference"  # dequantized to float32 at every size
         reasons["exact"] = "fast=False" if fast is False else "a dense checkpoint computes in its own dtype"
-        return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, compute, decode,
-                    "exact", reasons)
+        return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, "torch", compute,
+                    decode, "exact", reasons)
     t = measure(cfg, isa)
     bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
     bf16_text = t["prefill_bf16"] < 0.9 * t["prefill_float32"]
     packed = bf16_vit and "vision_packed" in t and t["vision_packed"] < t["vision_bf16"]
     reasons["vision"] = f"bf16 {t['vision_bf16'] * 1e3:.1f} ms vs float32 {t['vision_float32'] * 1e3:.1f} ms" + \
         (f", prepacked {t['vision_packed'] * 1e3:.1f} ms" if "vision_packed" in t else "")
+    attention = "native" if bf16_vit and t.get("attention_native", float("inf")) < t["attention_sdpa"] else "torch"
+    reasons["attention"] = f"SDPA bf16 {t['attention_sdpa'] * 1e3:.1f} ms" + (
+        f" vs native ({isa}) {t['attention_native'] * 1e3:.1f} ms" if "attention_native" in t else "")
     reasons["prefill"] = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms"
     if k is not None:
         decode = "native-layer" if t["decode_q4x4"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
@@ -84,7 +89,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     else:
         decode = "torch-int4"
     return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
-                k is not None, torch.bfloat16 if bf16_text else torch.float32, decode, "scan-int8", reasons)
+                k is not None, attention, torch.bfloat16 if bf16_text else torch.float32, decode, "scan-int8", reasons)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,10 +109,10 @@ def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
     return root / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, int, int]]:
+def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     v, t = cfg.vision, cfg.text
     return {"vision": (256, v.embed_dim, v.mlp_dim), "prefill": (128, t.hidden_size, t.intermediate_size),
-            "decode": (1, t.hidden_size, t.intermediate_size)}
+            "decode": (1, t.hidden_size, t.intermediate_size), "attention": (512, v.num_heads, v.head_dim)}
 
 
 def measure(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
@@ -158,6 +163,10 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
                     lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [None], ""))
             except RuntimeError:  # this torch's oneDNN has no bf16 path here
                 pass
+    L, H, D = shapes["attention"]
+    qkv = torch.randn(L, 3, H, D, generator=g).bfloat16()
+    q, kk, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # (1, H, L, D), as Segments.attention
+    out["attention_sdpa"] = _best(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, v))
     _, K, N = shapes["decode"]
     x = torch.randn(1, K, generator=g)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
@@ -169,6 +178,8 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
 
         packed, sc, zr = q4x4_pack(q, scales, zeros)
         out["decode_q4x4"] = _best(lambda: k.q4x4_gemv(x, packed, sc, zr), 5)
+        if D % 16 == 0 and D <= 128:
+            out["attention_native"] = _best(lambda: k.vit_attention_bf16(qkv, L))
     if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         sz = torch.stack([scales, (8 - zeros) * scales], -1).to(torch.bfloat16)

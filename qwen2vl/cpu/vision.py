@@ -1,6 +1,6 @@
 """The vision tower's CPU layers, swapped in by the plan: the rotary of q and k in place on the qkv output (the same
 numbers as the torch ops), quick_gelu in one pass (within a few float32 ulps; equal in bf16), and, where the plan
-measured them faster, bf16 linears whose weights oneDNN prepacks at load."""
+measured them faster, bf16 linears whose weights oneDNN prepacks at load and a native bf16 attention."""
 
 from __future__ import annotations
 
@@ -29,9 +29,27 @@ class PackedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def swap(visual: nn.Module, kernels, packed: bool) -> None:
-    """Native rotary and quick_gelu from `kernels` (a qwen2vl.kernels.Kernels; None: torch ops), and prepacked
-    linears if `packed`."""
+class NativeVisionAttention(nn.Module):
+    """A bf16 vision attention whose rotary and softmax attention run natively (kernels.c vit_attention_bf16) where
+    the segments (images, video slices) are of one length; otherwise the wrapped module's own steps."""
+
+    def __init__(self, attn: nn.Module, kernels):
+        super().__init__()
+        self.attn, self.kernels = attn, kernels
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments) -> torch.Tensor:
+        N, a = x.shape[0], self.attn
+        qkv = a.qkv(x).view(N, 3, a.num_heads, -1)
+        if qkv.dtype != torch.bfloat16 or segments.index is not None or not qkv.is_contiguous():
+            q, k, v = a.rotate(qkv, cos, sin)
+            return a.proj(segments.attention(q, k, v).reshape(N, -1))
+        self.kernels.rotary_qk(qkv, cos, sin)
+        return a.proj(self.kernels.vit_attention_bf16(qkv, segments.lengths[0]).view(N, -1))
+
+
+def swap(visual: nn.Module, kernels, packed: bool, attention: bool = False) -> None:
+    """Native rotary and quick_gelu from `kernels` (a qwen2vl.kernels.Kernels; None: torch ops), prepacked
+    linears if `packed`, and the native bf16 attention if `attention`."""
     if kernels is not None:
         def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
             if qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous() and qkv.shape[-1] <= 512:
@@ -47,6 +65,9 @@ def swap(visual: nn.Module, kernels, packed: bool) -> None:
             block.attn.rotate = rotate
             if block.mlp.act is quick_gelu:
                 block.mlp.act = gelu
+    if attention:
+        for block in visual.blocks:
+            block.attn = NativeVisionAttention(block.attn, kernels)
     if packed:
         names = [name for name, m in visual.named_modules() if isinstance(m, nn.Linear)]
         for name in names:  # one at a time, no other reference kept: each dense weight is freed as it is packed

@@ -82,7 +82,8 @@ def compile_flags(level: str, flags: set[str] | None = None) -> list[str]:
     flags = cpu_flags() if flags is None else flags
     isa_flags = {
         "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-                   "-mprefer-vector-width=512"] + (["-mavx512vnni"] if "avx512_vnni" in flags else []),
+                   "-mprefer-vector-width=512"] + (["-mavx512vnni"] if "avx512_vnni" in flags else [])
+                  + (["-mavx512bf16"] if "avx512_bf16" in flags else []),
         "avx2": ["-mavx2", "-mfma", "-mf16c"] + (["-mavxvnni"] if "avx_vnni" in flags else []),
         "neon": [],
         "generic": [],
@@ -143,6 +144,7 @@ class Kernels:
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
             "decode_layer": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
             "awq_unpack_t": [_P, _I, _I, _P, _P, _I],
+            "vit_attention_bf16": [_P, _I, _I, _I, _I, _P, ctypes.c_float, _I],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
@@ -218,6 +220,17 @@ class Kernels:
         assert h.dtype == torch.bfloat16 and h.is_contiguous() and I2 % 2 == 0
         out = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
         self.lib.silu_mul_bf16(h.data_ptr(), M, I2 // 2, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def vit_attention_bf16(self, qkv: torch.Tensor, segment: int) -> torch.Tensor:
+        """Softmax attention within consecutive segments of `segment` rows: qkv (N, 3, H, D) bf16, contiguous (q and
+        k rotated) -> (N, H, D) bf16; D % 16 == 0, D <= 128 (float32 softmax, bf16 probabilities; see kernels.c)."""
+        N, three, H, D = qkv.shape
+        assert three == 3 and qkv.dtype == torch.bfloat16 and qkv.is_contiguous() and N % segment == 0
+        assert D % 16 == 0 and D <= 128
+        out = torch.empty(N, H, D, dtype=torch.bfloat16)
+        self.lib.vit_attention_bf16(qkv.data_ptr(), N, H, D, segment, out.data_ptr(), D ** -0.5,
+                                    torch.get_num_threads())
         return out
 
     def awq_unpack_t(self, qweight: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:

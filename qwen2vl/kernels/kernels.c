@@ -415,3 +415,105 @@ void decode_layer(const decode_layer_t *L, float *x, const float *cos, const flo
     for (int i = 0; i < D; i++) x[i] += o[i];
     free(a); free(qkv); free(o); free(att); free(sc); free(gu);
 }
+
+/* ------------------------------------------------------------------------------------------------------------
+   The vision tower's attention: softmax attention within segments of L consecutive rows (one image or video slice
+   each), for bf16 q, k, v read from qkv (N, 3, H, D) after the rotary, into out (N, H, D) bf16. Flash-style: per
+   (segment, head), K and V are packed once into bf16 pairs; four query rows at a time run over key blocks of 64 with
+   an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
+   does) and the float32 output is normalized once at the end. D % 32 == 0 or D % 16 == 0 with D <= 128.
+   ------------------------------------------------------------------------------------------------------------ */
+#define ATT_BK 64
+
+static inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+
+#ifndef QK_HAVE_ATTN
+static inline float pair_dot(uint32_t a, uint32_t b) {  /* a.lo * b.lo + a.hi * b.hi, as one bf16 dot step */
+    return bf16_to_float((uint16_t)a) * bf16_to_float((uint16_t)b) +
+           bf16_to_float((uint16_t)(a >> 16)) * bf16_to_float((uint16_t)(b >> 16));
+}
+
+/* sc[r][j] = q_r . k_{j0 + j} for 4 query rows (D/2 pairs each) and 64 keys of kT ([D/2][ld] pairs, at key j0). */
+static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, float sc[4][64]) {
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 64; j++) {
+            float a = 0.f;
+            for (int d2 = 0; d2 < D2; d2++) a += pair_dot(q[r][d2], kT[(size_t)d2 * ld + j]);
+            sc[r][j] = a;
+        }
+}
+
+/* o[r][d] += sum over 64 keys of p[r][j] v[j][d]: pp[r] holds p as bf16 pairs, vT ([32][D] pairs of keys). */
+static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, float o[4][128]) {
+    for (int r = 0; r < 4; r++)
+        for (int jp = 0; jp < 32; jp++)
+            for (int d = 0; d < D; d++) o[r][d] += pair_dot(pp[r][jp], vT[(size_t)jp * D + d]);
+}
+#endif
+
+void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_t *out, float scale, int threads) {
+    const int S = N / L, D2 = D / 2, Lp = (L + ATT_BK - 1) / ATT_BK * ATT_BK;
+    const size_t row = (size_t)3 * H * D;  /* qkv's row stride, in bf16 values */
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *kT = aligned_alloc(64, sizeof(uint32_t) * (size_t)D2 * Lp);  /* [D/2][Lp] key pairs along d */
+        uint32_t *vT = aligned_alloc(64, sizeof(uint32_t) * (size_t)(Lp / 2) * D);  /* [Lp/2][D] pairs along keys */
+        #pragma omp for schedule(dynamic, 1)
+        for (int sh = 0; sh < S * H; sh++) {
+            const int s = sh / H, h = sh % H;
+            const uint16_t *base = qkv + (size_t)s * L * row;
+            for (int j = 0; j < Lp; j++) {  /* pack K and V of this head; keys past L are zero */
+                const uint16_t *k = base + (size_t)j * row + (size_t)(H + h) * D, *v = k + (size_t)H * D;
+                for (int d2 = 0; d2 < D2; d2++)
+                    kT[(size_t)d2 * Lp + j] = j < L ? bf16_pair(k[2 * d2], k[2 * d2 + 1]) : 0;
+                for (int d = 0; d < D; d++) {
+                    uint16_t *pair = (uint16_t *)&vT[(size_t)(j / 2) * D + d] + (j & 1);
+                    *pair = j < L ? v[d] : 0;
+                }
+            }
+            for (int i0 = 0; i0 < L; i0 += 4) {
+                const int R = L - i0 < 4 ? L - i0 : 4;
+                const uint32_t *q[4];
+                for (int r = 0; r < 4; r++)
+                    q[r] = (const uint32_t *)(base + (size_t)(i0 + (r < R ? r : 0)) * row + (size_t)h * D);
+                float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};
+                for (int j0 = 0; j0 < L; j0 += ATT_BK) {
+                    const int n = L - j0 < ATT_BK ? L - j0 : ATT_BK;
+                    float sc[4][ATT_BK];
+                    uint32_t pp[4][ATT_BK / 2];
+                    attn_scores_4x64(q, kT + j0, Lp, D2, sc);
+                    for (int r = 0; r < 4; r++) {  /* written in fixed-length loops, so that they vectorize */
+                        float *x = sc[r], mx16[16], e[ATT_BK], sum16v[16] = {0};
+                        for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
+                        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m[r];
+                        for (int j = 0; j < ATT_BK; j += 16)
+                            for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
+                        float mx = mx16[0];
+                        for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
+                        for (int j = 0; j < ATT_BK; j++) e[j] = round_bf16(exp_c(x[j] - mx));
+                        for (int j = n; j < ATT_BK; j++) e[j] = 0.f;  /* exp_c saturates at 2^-150, not 0 */
+                        for (int j = 0; j < ATT_BK; j += 16)
+                            for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += e[j + l16];
+                        for (int j = 0; j < ATT_BK / 2; j++) {
+                            uint32_t lo, hi;
+                            memcpy(&lo, &e[2 * j], 4);
+                            memcpy(&hi, &e[2 * j + 1], 4);
+                            pp[r][j] = (lo >> 16) | (hi & 0xFFFF0000u);  /* e is bf16-exact: its top halves */
+                        }
+                        const float alpha = exp_c(m[r] - mx);
+                        l[r] = l[r] * alpha + sum16(sum16v);
+                        m[r] = mx;
+                        for (int d = 0; d < D; d++) o[r][d] *= alpha;
+                    }
+                    attn_pv_4x64(pp, vT + (size_t)(j0 / 2) * D, D, o);
+                }
+                for (int r = 0; r < R; r++) {
+                    uint16_t *dst = out + ((size_t)(s * L + i0 + r) * H + h) * D;
+                    for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r][d] / l[r]);
+                }
+            }
+        }
+        free(kT);
+        free(vT);
+    }
+}

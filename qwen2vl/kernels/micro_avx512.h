@@ -172,3 +172,44 @@ static void dequant_tile64(const uint8_t *w, const uint16_t *scale, const uint8_
     }
     _mm_sfence();
 }
+
+#ifdef __AVX512BF16__
+#define QK_HAVE_ATTN 1
+/* The vision attention's two products with AVX512-BF16's vdpbf16ps (a pair of bf16 products per float32 lane). */
+static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, float sc[4][64]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int d2 = 0; d2 < D2; d2++) {
+        const uint32_t *k = kT + (size_t)d2 * ld;
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
+                       k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)q[r][d2]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], b, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, k1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], b, k2);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], b, k3);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(sc[r] + 16 * c, acc[r][c]);
+}
+
+static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, float o[4][128]) {
+    const int C = D / 16;
+    __m512 acc[4][8];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_loadu_ps(o[r] + 16 * c);
+    for (int jp = 0; jp < 32; jp++) {
+        __m512bh v[8];
+        for (int c = 0; c < C; c++) v[c] = (__m512bh)_mm512_loadu_si512(vT + (size_t)jp * D + 16 * c);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)pp[r][jp]);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], b, v[c]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(o[r] + 16 * c, acc[r][c]);
+}
+#endif

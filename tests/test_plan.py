@@ -1,0 +1,75 @@
+"""The CPU layer's decisions: which kernel levels a CPU can run (from its flags: capability only), QWEN2VL_ISA's cap,
+and the load plan, whose speed verdicts come from timings cached per machine and never from a flag."""
+
+import json
+
+import pytest
+import torch
+
+from qwen2vl import kernels
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.cpu import plan as plan_module
+
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c", "avx2"}
+
+
+def test_cpu_levels_follow_capability():
+    assert kernels.cpu_levels(AVX512, "x86_64") == ["avx512", "avx2", "generic"]
+    assert kernels.cpu_levels({"avx2", "fma", "f16c"}, "x86_64") == ["avx2", "generic"]
+    assert kernels.cpu_levels({"sse4_2"}, "x86_64") == ["generic"]
+    assert kernels.cpu_levels({"asimd"}, "aarch64") == ["neon", "generic"]
+    assert kernels.cpu_levels(set(), "riscv64") == ["generic"]
+
+
+def test_isa_cap(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_levels", lambda: ["avx512", "avx2", "generic"])
+    monkeypatch.setenv("QWEN2VL_ISA", "avx2")
+    assert kernels.isa() == "avx2"
+    monkeypatch.setenv("QWEN2VL_ISA", "neon")  # a level this CPU lacks: the best one below it
+    assert kernels.isa() == "generic"
+    monkeypatch.setenv("QWEN2VL_ISA", "AVX512")
+    assert kernels.isa() == "avx512"
+    monkeypatch.setenv("QWEN2VL_ISA", "sse9")
+    with pytest.raises(ValueError, match="QWEN2VL_ISA"):
+        kernels.isa()
+
+
+@pytest.fixture
+def cfg(assets) -> Qwen2VLConfig:
+    return Qwen2VLConfig.from_file(assets / "qwen2-vl-2b-instruct-awq")
+
+
+def fake_timings(bf16_faster: bool) -> dict[str, float]:
+    fast, slow = 0.01, 0.03
+    return {"vision_float32": slow if bf16_faster else fast, "vision_bf16": fast if bf16_faster else slow,
+            "vision_packed": fast / 2, "prefill_float32": slow if bf16_faster else fast,
+            "prefill_bf16": fast if bf16_faster else slow, "attention_sdpa": 0.02, "attention_native": 0.01,
+            "decode_q4x4": 0.001, "decode_torch_int4": 0.002}
+
+
+@pytest.mark.parametrize("bf16_faster", [True, False])
+def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
+    """The same CPU flags give another plan when the timings differ: bf16 only where it measured faster."""
+    monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: fake_timings(bf16_faster))
+    p = plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+    want = torch.bfloat16 if bf16_faster else torch.float32
+    assert p.fast and p.vision_dtype == want and p.prefill_dtype == want
+    assert p.vision_linear == ("packed" if bf16_faster else "torch")
+    if p.isa:
+        assert p.decode == "native-layer" and p.vision_attention == ("native" if bf16_faster else "torch")
+    assert "bf16 10.0 ms" in p.describe() or "bf16 30.0 ms" in p.describe()
+    exact = plan_module.decide(cfg, torch.device("cpu"), torch.float32, False)
+    assert not exact.fast and exact.vision_dtype == exact.prefill_dtype == torch.float32
+    assert exact.decode == ("float32" if exact.isa else "reference") and exact.head == "exact"
+
+
+def test_measurements_are_cached(cfg, monkeypatch, tmp_path):
+    """The first load times the candidates (on the model's own shapes); later loads read the verdict back."""
+    monkeypatch.setenv("QWEN2VL_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(plan_module, "_time_candidates", lambda cfg, isa: calls.append(1) or fake_timings(True))
+    first = plan_module.measure(cfg, kernels.isa())
+    second = plan_module.measure(cfg, kernels.isa())
+    assert first == second == fake_timings(True) and len(calls) == 1
+    (cached,) = (tmp_path / "plans").glob("plan-*.json")
+    assert json.loads(cached.read_text()) == first
