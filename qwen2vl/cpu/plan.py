@@ -103,8 +103,8 @@ def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     except OSError:
         pass
-    key = json.dumps([cpu, sorted(kernels.cpu_flags()), kernels.source_hash(), torch.__version__, isa,
-                      torch.get_num_threads(), _shapes(cfg)])
+    key = json.dumps([cpu, sorted(kernels.cpu_flags()), kernels.source_hash(), Path(__file__).read_text(),
+                      torch.__version__, isa, torch.get_num_threads(), _shapes(cfg)])  # this file: what is timed
     root = Path(os.environ.get("QWEN2VL_CACHE") or Path.home() / ".cache" / "qwen2vl")
     return root / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
