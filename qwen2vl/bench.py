@@ -96,18 +96,13 @@ def torch_build(python: str) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
 
-    from .kernels import cpu_flags
+    from .kernels import cpu_flags, cpu_name
 
     flags = sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
                                   "amx_bf16", "amx_int8", "asimd", "asimddp", "sve"})
-    return (f"{cpu} ({' '.join(flags) or 'no SIMD flags read'}), {os.cpu_count()} cores, torch {torch.__version__} "
+    return (f"{cpu_name()} ({' '.join(flags) or 'no SIMD flags read'}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.backends.cpu.get_cpu_capability()}), {platform.python_version()}")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,16 +96,9 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
 
 
 def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    key = json.dumps([cpu, sorted(kernels.cpu_flags()), kernels.source_hash(), Path(__file__).read_text(),
+    key = json.dumps([kernels.cpu_name(), sorted(kernels.cpu_flags()), kernels.source_hash(), Path(__file__).read_text(),
                       torch.__version__, isa, torch.get_num_threads(), _shapes(cfg)])  # this file: what is timed
-    root = Path(os.environ.get("QWEN2VL_CACHE") or Path.home() / ".cache" / "qwen2vl")
-    return root / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return kernels.cache_root() / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:

@@ -31,6 +31,16 @@ LEVELS = ("avx512", "avx2", "neon", "generic")
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what platform reports)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; macOS sysctl), lower case."""
     try:
@@ -91,8 +101,9 @@ def compile_flags(level: str, flags: set[str] | None = None) -> list[str]:
     return ["-O3", "-ffp-contract=off", "-shared", "-fPIC", f"-DQK_ISA_{level.upper()}", *isa_flags]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("QWEN2VL_CACHE") or Path.home() / ".cache" / "qwen2vl") / "kernels"
+def cache_root() -> Path:
+    """Where built kernels and measured plans are kept: $QWEN2VL_CACHE, default ~/.cache/qwen2vl."""
+    return Path(os.environ.get("QWEN2VL_CACHE") or Path.home() / ".cache" / "qwen2vl")
 
 
 def compiler() -> str | None:
@@ -114,7 +125,7 @@ def build(level: str, cc: str | None = None, out_dir: Path | None = None) -> Pat
         raise OSError("no C compiler (set CC, or install gcc or clang)")
     flags = compile_flags(level)
     key = hashlib.sha256((source_hash() + cc + " ".join(flags) + level).encode()).hexdigest()[:16]
-    out = (out_dir or _cache_dir()) / f"qwen2vl-kernels-{level}-{key}.so"
+    out = (out_dir or cache_root() / "kernels") / f"qwen2vl-kernels-{level}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
