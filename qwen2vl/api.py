@@ -13,9 +13,11 @@ from .config import Qwen2VLConfig
 from .cpu import Plan
 from .datatypes import ModelInputs
 from .errors import CheckpointError
-from .generate import ChatResult, Generation, TextDelta, VisionCache, chat_result, stream_text
+from .generate import ChatResult, Engine, Sequence, TextDelta, VisionCache, chat_result
+from .grammar import Constraint, Grammars
 from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .model import Qwen2VLModel
+from .prefix import PrefixCache
 from .processor import Processor
 from .sampling import SamplingParams
 
@@ -30,6 +32,10 @@ class Qwen2VL:
         self.path = path
         self.defaults = SamplingParams.from_generation_config(path)  # the checkpoint's generation_config.json
         self.vision_cache = VisionCache()  # vision-encoder outputs by content, reused across calls
+        self.prefix_cache = PrefixCache()  # keys and values of prompt blocks (images included), across calls
+        self.engine = Engine(model, processor.tokenizer if processor is not None else None, self.vision_cache,
+                             self.prefix_cache)  # the one generator: this API, the CLI, the server, batch jobs
+        self._grammars: Grammars | None = None
 
     @property
     def processor(self) -> Processor:
@@ -89,41 +95,63 @@ class Qwen2VL:
         frequency_penalty, seed, stop, stop_token_ids, min_new_tokens; or a SamplingParams as `sampling`.
         """
         params = self.sampling(sampling, max_new_tokens=max_new_tokens, **kwargs)
-        x = ModelInputs.of(inputs)
-        generation = Generation(self.model, x, [params] * x.input_ids.shape[0], self.vision_cache)
-        out: list[list[int]] = [[] for _ in range(x.input_ids.shape[0])]
-        steps = stream_text(generation, self.processor.tokenizer) if params.stop else generation
-        for step in steps:
-            if isinstance(step, TextDelta):
-                out[step.row].append(step.token)
-            else:
-                for row, token in zip(step.rows, step.tokens):
-                    out[row].append(token)
-        return out
+        seqs = self.submit(ModelInputs.of(inputs), params)
+        self.engine.run([s for s, _ in seqs])
+        for _, out in seqs:
+            _raise_failure(out)
+        return [s.tokens for s, _ in seqs]
 
     def chat(self, conversation_or_batch: Any, stream: bool = False, sampling: SamplingParams | None = None,
              **kwargs: Any) -> "ChatResult | list[ChatResult] | ChatStream":
         """Answer one conversation (a ChatResult), a batch of them (a list), or stream one (`stream=True`: an
         iterator of text deltas whose `.result` is the ChatResult once it is exhausted).
 
-        Keywords are sampling parameters (see `generate`) or processor options (min_pixels, max_pixels, fps, ...).
+        Keywords are sampling parameters (see `generate`), processor options (min_pixels, max_pixels, fps, ...) or
+        one output constraint: `json_schema=` (a dict or JSON text), `regex=` or `choice=[...]`.
         """
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_OPTIONS}
         progress = kwargs.pop("progress", False)  # video decoding progress bars
+        constraint = Constraint.of(kwargs.pop("json_schema", None), kwargs.pop("regex", None),
+                                   kwargs.pop("choice", None))
         params = self.sampling(sampling, **kwargs)
         single = isinstance(conversation_or_batch, (list, tuple)) and bool(conversation_or_batch) \
             and isinstance(conversation_or_batch[0], dict)
         batch = as_batch(conversation_or_batch)
         if stream and len(batch) != 1:
             raise ValueError("stream=True takes one conversation")
-        inputs = self.processor(batch, progress=progress, **options)
-        generation = Generation(self.model, inputs, [params] * len(batch), self.vision_cache)
-        deltas = stream_text(generation, self.processor.tokenizer)
+        grammar = self.compile(constraint)  # before any work: a bad schema fails fast
+        seqs = self.submit(self.processor(batch, progress=progress, **options), params, grammar)
         if stream:
-            return ChatStream(deltas, inputs, self.config, params)
-        results = _collect(deltas, inputs, self.config, params, len(batch))
+            return ChatStream(self, *seqs[0])
+        self.engine.run([s for s, _ in seqs])
+        results = [self.result(s, _raise_failure(out)) for s, out in seqs]
         return results[0] if single else results
 
+    def compile(self, constraint: Constraint | None):
+        """A compiled grammar for `constraint` (None for none); InputError if it cannot be compiled."""
+        if constraint is None:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.processor.tokenizer, self.config.text.vocab_size,
+                                      self.defaults.stop_token_ids)
+        return self._grammars.compile(constraint)
+
+    def submit(self, inputs: ModelInputs, params: SamplingParams, grammar=None,
+               sink: Any = None) -> list[tuple[Sequence, list]]:
+        """Each prompt of `inputs` to the engine as its own sequence: (sequence, the list its deltas arrive in),
+        or, with `sink`, (sequence, None) and its deltas go to `sink`."""
+        c = self.config
+        out = []
+        for i, row in enumerate(inputs.rows(c.vision.spatial_merge_size, c.image_token_id, c.video_token_id)):
+            buffer = [] if sink is None else None
+            matcher = self._grammars.matcher(grammar) if grammar is not None else None
+            out.append((Sequence(row, params, sink or buffer.append, matcher, i), buffer))
+        for seq, _ in out:
+            self.engine.submit(seq)
+        return out
+
+    def result(self, seq: Sequence, deltas: list[TextDelta]) -> ChatResult:
+        return chat_result(seq, deltas, self.config.image_token_id, self.config.video_token_id)
 
     def ground(self, image: Any, phrase: str, **kwargs: Any) -> list[grounding.Box]:
         """Boxes (original image pixels) of what `phrase` refers to in `image`, asked the way Qwen2-VL's grounding
@@ -137,30 +165,36 @@ class Qwen2VL:
 
 
 class ChatStream:
-    """Text deltas of one answer as they are generated; `.result` (a ChatResult) once exhausted."""
+    """Text deltas of one answer as they are generated; `.result` (a ChatResult) once exhausted. Leaving the
+    iteration early cancels the answer."""
 
-    def __init__(self, deltas: Iterator[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig,
-                 params: SamplingParams):
-        self._deltas, self._inputs, self._config, self._params = deltas, inputs, config, params
-        self._parts: list[TextDelta] = []
+    def __init__(self, owner: Qwen2VL, seq: Sequence, buffer: list):
+        self._owner, self._seq, self._buffer = owner, seq, buffer
         self.result: ChatResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for d in self._deltas:
-            self._parts.append(d)
-            if d.text:
-                yield d.text
-        self.result = _result(self._parts, self._inputs, self._config, self._params, 0)
+        seen: list[TextDelta] = []
+        try:
+            while True:
+                if not self._buffer:
+                    if self._seq.done:
+                        break
+                    self._owner.engine.step()
+                    continue
+                item = self._buffer.pop(0)
+                if isinstance(item, Exception):
+                    raise item
+                seen.append(item)
+                if item.text:
+                    yield item.text
+        finally:
+            self._seq.cancel()  # a no-op once it is done
+        self.result = self._owner.result(self._seq, seen)
 
 
-def _collect(deltas: Iterator[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig, params: SamplingParams,
-             n: int) -> list[ChatResult]:
-    parts: list[list[TextDelta]] = [[] for _ in range(n)]
-    for d in deltas:
-        parts[d.row].append(d)
-    return [_result(p, inputs, config, params, row) for row, p in enumerate(parts)]
-
-
-def _result(parts: list[TextDelta], inputs: ModelInputs, config: Qwen2VLConfig, params: SamplingParams,
-            row: int) -> ChatResult:
-    return chat_result(parts, inputs, row, config.image_token_id, config.video_token_id, bool(params.logprobs))
+def _raise_failure(out: list) -> list:
+    """A sequence's deltas, or its failure raised."""
+    for item in out or ():
+        if isinstance(item, Exception):
+            raise item
+    return out

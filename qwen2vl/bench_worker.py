@@ -67,22 +67,20 @@ class Qwen2VLEngine:
 
     def decode(self, n: int) -> float:
         from qwen2vl.datatypes import ModelInputs
-        from qwen2vl.generate import Generation
 
         ids = self.torch.randint(1000, 100000, (1, 32))
-        gen = Generation(self.m, ModelInputs(ids, self.torch.ones_like(ids)),
-                         [self.model.sampling(max_new_tokens=n + 1, min_new_tokens=n + 1, temperature=0)])
-        steps = iter(gen)
-        next(steps)  # prefill + first token
-        t = time.perf_counter()
-        for _ in steps:
-            pass
-        return n / (time.perf_counter() - t)
+        params = self.model.sampling(max_new_tokens=n + 1, min_new_tokens=n + 1, temperature=0)
+        at = []  # when each token arrived; the first comes with the prefill
+        [(seq, _)] = self.model.submit(ModelInputs(ids, self.torch.ones_like(ids)), params,
+                                       sink=lambda d: at.append(time.perf_counter()))
+        self.model.engine.run([seq])
+        return n / (at[-1] - at[0])
 
     def ttft(self, size: int) -> float:
         conv = [{"role": "user", "content": [{"type": "image", "image": self.img, "resized_height": size,
                                               "resized_width": size}, {"type": "text", "text": QUESTION}]}]
         self.model.vision_cache.entries.clear()
+        self.model.prefix_cache.clear()
         t = time.perf_counter()
         for _ in self.model.chat(conv, stream=True, max_new_tokens=1, min_new_tokens=1):
             break

@@ -12,7 +12,7 @@ class KVCache:
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device):
         self.k = torch.zeros(layers, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros_like(self.k)  # zeros: masked padding must not hold NaN (0 * NaN in attention)
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,5 +28,31 @@ class KVCache:
         """Called once per forward, after every layer has written its n new positions."""
         self.length += n
 
-    def keep(self, rows: torch.Tensor) -> None:
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def keep(self, rows: torch.Tensor, first: int = 0) -> None:
+        """Keep these batch rows, and positions from `first` on."""
+        self.k, self.v = self.k[:, rows, :, first:], self.v[:, rows, :, first:]
+        self.length -= first
+
+    @classmethod
+    def stack(cls, parts: list["KVCache"], room: int) -> "KVCache":
+        """The parts' rows in one cache, each part right-aligned at the longest part's length (left padding), with
+        `room` free positions after it."""
+        S = max(p.length for p in parts)
+        L, _, H, _, D = parts[0].k.shape
+        out = cls(L, sum(p.k.shape[1] for p in parts), H, D, S + room, parts[0].k.dtype, parts[0].k.device)
+        b = 0
+        for p in parts:
+            n = p.k.shape[1]
+            out.k[:, b:b + n, :, S - p.length:S] = p.k[:, :, :, :p.length]
+            out.v[:, b:b + n, :, S - p.length:S] = p.v[:, :, :, :p.length]
+            b += n
+        out.length = S
+        return out

@@ -11,6 +11,17 @@ import torch
 from .errors import InputError
 
 
+@dataclass(frozen=True)
+class MediaItem:
+    """One image or video of a single prompt: its <|image_pad|>/<|video_pad|> tokens [start, end), its patch rows
+    and its grid (t, h, w)."""
+    kind: str  # "image" | "video"
+    start: int
+    end: int
+    pixels: torch.Tensor
+    grid: torch.Tensor
+
+
 @dataclass
 class ModelInputs:
     """The processor's output, with the same fields and layout as transformers' `Qwen2VLProcessor`.
@@ -96,6 +107,49 @@ class ModelInputs:
                 setattr(out, px, torch.cat([getattr(p, px) for p in have]))
                 setattr(out, grid, torch.cat([getattr(p, grid) for p in have]))
         return out
+
+    def rows(self, merge: int, image_token_id: int, video_token_id: int) -> list["ModelInputs"]:
+        """The batch as single prompts without padding, each with its own images and videos."""
+        mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(self.input_ids)
+        taken = {"image": 0, "video": 0}  # grid rows consumed so far
+        out = []
+        for b in range(self.input_ids.shape[0]):
+            ids = self.input_ids[b][mask[b].bool()][None]
+            row = ModelInputs(ids, torch.ones_like(ids),
+                              image_sizes=[self.image_sizes[b]] if self.image_sizes else None)
+            for kind, token, px, grid in (("image", image_token_id, "pixel_values", "image_grid_thw"),
+                                          ("video", video_token_id, "pixel_values_videos", "video_grid_thw")):
+                g = getattr(self, grid)
+                need, first = int((ids == token).sum()), taken[kind]
+                while need > 0 and g is not None and taken[kind] < g.shape[0]:
+                    need -= int(g[taken[kind]].prod()) // merge**2
+                    taken[kind] += 1
+                if need != 0:
+                    raise InputError(f"prompt {b}: its <|{kind}_pad|> tokens do not match {grid}")
+                if taken[kind] > first:
+                    rows = g.prod(-1)
+                    lo, hi = int(rows[:first].sum()), int(rows[:taken[kind]].sum())
+                    setattr(row, px, getattr(self, px)[lo:hi])
+                    setattr(row, grid, g[first:taken[kind]])
+            out.append(row)
+        return out
+
+    def media(self, merge: int, image_token_id: int, video_token_id: int) -> list[MediaItem]:
+        """The images and videos of a single prompt with their token ranges, in order of appearance."""
+        items = []
+        for kind, token, px, grid in (("image", image_token_id, self.pixel_values, self.image_grid_thw),
+                                      ("video", video_token_id, self.pixel_values_videos, self.video_grid_thw)):
+            if grid is None:
+                continue
+            where = (self.input_ids[0] == token).nonzero()[:, 0].tolist()
+            at, row = 0, 0
+            for g in grid:
+                n, rows = int(g.prod()) // merge**2, int(g.prod())
+                if at + n > len(where):
+                    raise InputError(f"input_ids hold too few <|{kind}_pad|> tokens for {kind}_grid_thw")
+                items.append(MediaItem(kind, where[at], where[at] + n, px[row:row + rows], g))
+                at, row = at + n, row + rows
+        return sorted(items, key=lambda m: m.start)
 
     def to(self, device: torch.device | str) -> "ModelInputs":
         moved = {name: (None if getattr(self, name) is None else getattr(self, name).to(device))

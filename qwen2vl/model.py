@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import Qwen2VLConfig
-from .datatypes import ModelInputs
+from .datatypes import MediaItem, ModelInputs
 from .errors import InputError
 from .rope import get_rope_index, mrope_cos_sin
 from .text import KVCache, TextModel, attention_mask
@@ -83,6 +83,20 @@ class Qwen2VLModel(nn.Module):
             if x.video_grid_thw is not None:
                 video_embeds = visual[n_image:]
         return self.embed(x.input_ids, image_embeds, video_embeds)
+
+    def embeddings_from(self, x: ModelInputs, items: list[MediaItem], start: int,
+                        encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Embeddings (1, L - start, D) of one prompt's positions from `start` on (the ones before are cached): the
+        vision encoder runs only on the items (x.media) with tokens there, in one call."""
+        embeds = self.model.embed_tokens(x.input_ids[:, start:])
+        need = [m for m in items if m.end > start]
+        if need:
+            visual = (encode or self.encode_vision)(torch.cat([m.pixels for m in need]),
+                                                    torch.stack([m.grid for m in need]))
+            for m, emb in zip(need, torch.split(visual, [m.end - m.start for m in need])):
+                lo = max(m.start, start)
+                embeds[0, lo - start:m.end - start] = emb[lo - m.start:].to(embeds.dtype)
+        return embeds
 
     @torch.inference_mode()
     def logits(self, x: ModelInputs) -> torch.Tensor:

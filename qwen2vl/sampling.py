@@ -107,15 +107,25 @@ class Sampler:
         self.counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
         self.generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed)
                            for p in params]
-        self.steps = 0
+        self.steps = [0] * B  # tokens picked per row (min_new_tokens)
+
+    _ROWS = ("temperature", "top_p", "min_p", "top_k", "repetition", "presence", "frequency", "greedy", "seen",
+             "counts")
 
     def keep(self, rows: torch.Tensor) -> None:
-        for name in ("temperature", "top_p", "min_p", "top_k", "repetition", "presence", "frequency", "greedy",
-                     "seen", "counts"):
+        for name in self._ROWS:
             setattr(self, name, getattr(self, name)[rows])
         idx = rows.tolist()
         self.params = [self.params[i] for i in idx]
         self.generators = [self.generators[i] for i in idx]
+        self.steps = [self.steps[i] for i in idx]
+
+    def extend(self, other: "Sampler") -> None:
+        """Append another sampler's rows (a sequence joining a running batch), state included."""
+        for name in self._ROWS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.params, self.generators = self.params + other.params, self.generators + other.generators
+        self.steps = self.steps + other.steps
 
     @property
     def penalized(self) -> bool:
@@ -130,7 +140,7 @@ class Sampler:
             x = torch.where(self.seen, penalized, x)
             x = x - self.presence * (self.counts > 0) - self.frequency * self.counts
         for b, p in enumerate(self.params):
-            if p.stop_token_ids and self.steps < p.min_new_tokens:
+            if p.stop_token_ids and self.steps[b] < p.min_new_tokens:
                 x[b, [t for t in p.stop_token_ids if t < x.shape[1]]] = float("-inf")
         if bool(self.greedy.all()):
             return x  # argmax needs no temperature or filtering (and skips a sort over the vocabulary)
@@ -154,7 +164,7 @@ class Sampler:
             rows = torch.arange(len(tokens), device=tokens.device)
             self.seen[rows, tokens] = True
             self.counts[rows, tokens] += 1
-        self.steps += 1
+        self.steps = [n + 1 for n in self.steps]
 
 
 def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -93,26 +93,31 @@ def test_batch_equals_single(real_vocab, assets):
 
 
 def test_cached_decode_equals_full_recompute(pair):
-    """The logits of every decode step (from the KV cache) equal model.logits over the whole sequence."""
+    """The log-probabilities of every step (prefill, then decode steps from the KV cache, two rows batched) equal
+    those of model.logits over the whole sequence: the chosen token's and the top 20."""
+    from qwen2vl.datatypes import ModelInputs
+
     hf, ours, config = pair
     inputs = {k: v for k, v in build_inputs([[("text", 3), ("image", (1, 4, 6)), ("text", 4)],
                                              [("text", 9), ("video", (2, 2, 4)), ("text", 2)]],
                                             config["vocab_size"], seed=5).items() if k != "mm_token_type_ids"}
-    captured = []
-    hook = ours.model.lm_head.register_forward_hook(lambda mod, args, out: captured.append(out.float()))  # (B, V)
-    try:
-        generated = ours.generate(inputs, max_new_tokens=8, temperature=0, min_new_tokens=8)
-    finally:
-        hook.remove()
-    new = torch.tensor(generated)
-    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new], 1),
-                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1))
-    ref = ours.logits(full)
-    L = inputs["input_ids"].shape[1]
-    for k, step_logits in enumerate(captured):  # step k's logits predict token k from position L + k - 1
-        diff = (step_logits - ref[:, L + k - 1]).abs().max().item()
-        assert diff <= 1e-4, f"step {k}: {diff:.2e}"
-    assert len(captured) == 8
+    ours.prefix_cache.clear()
+    params = ours.sampling(max_new_tokens=8, min_new_tokens=8, temperature=0, logprobs=True, top_logprobs=20)
+    runs = ours.submit(ModelInputs.of(inputs), params)
+    ours.engine.run([seq for seq, _ in runs])
+    x = ModelInputs.of(inputs)
+    for (seq, deltas), row in zip(runs, x.rows(2, config["image_token_id"], config["video_token_id"])):
+        assert len(deltas) == 8
+        new = torch.tensor([seq.tokens])
+        full = ModelInputs(torch.cat([row.input_ids, new], 1), None, row.pixel_values, row.image_grid_thw,
+                           row.pixel_values_videos, row.video_grid_thw)
+        ref = torch.log_softmax(ours.logits(full)[0], -1)
+        L = row.input_ids.shape[1]
+        for k, d in enumerate(deltas):  # step k predicts token k from position L + k - 1
+            want, ids = ref[L + k - 1].topk(20)
+            got = torch.tensor([v for _, v in d.top_logprobs])
+            assert (got - want).abs().max() <= 1e-4, f"row {seq.row} step {k}"
+            assert abs(d.logprob - ref[L + k - 1, d.token]) <= 1e-4
 
 
 def test_vision_cache_skips_the_encoder_on_a_second_turn(real_vocab, assets):
@@ -129,12 +134,14 @@ def test_vision_cache_skips_the_encoder_on_a_second_turn(real_vocab, assets):
                          {"role": "user", "content": "What is behind them?"}]
         second = ours.chat(turn2, max_new_tokens=6, temperature=0)
         assert len(calls) == 1, "the vision encoder ran again for an image it had seen"
-        ours.vision_cache.entries.clear()  # the same question without the cache gives identical tokens
+        ours.vision_cache.entries.clear()  # the same question without the caches gives identical tokens
+        ours.prefix_cache.clear()
         fresh = ours.chat(turn2, max_new_tokens=6, temperature=0)
         assert len(calls) == 2 and fresh.token_ids == second.token_ids
         # the same image twice in one batch runs the encoder once for it
         calls.clear()
         ours.vision_cache.entries.clear()
+        ours.prefix_cache.clear()
         ours.chat([turn1, turn1], max_new_tokens=2, temperature=0)
         assert calls == [[[1, 16, 16]]]
     finally:
@@ -180,11 +187,9 @@ def test_checkpoint_generation_defaults(real_vocab):
 
 
 def test_finished_rows_leave_the_batch(pair):
-    """Rows with different max_new_tokens: once a row is done, later decode steps run on fewer rows, and every
-    row's tokens equal its run alone."""
+    """Rows with different max_new_tokens: a finished row leaves the batch (decode steps run only on the rows still
+    going: 13 row-steps for 3, 8 and 5 tokens), and every row's tokens equal its run alone."""
     from qwen2vl.datatypes import ModelInputs
-    from qwen2vl.generate import Generation
-    from qwen2vl.sampling import SamplingParams
 
     hf, ours, config = pair
     inputs = ModelInputs.of({k: v for k, v in build_inputs([[("text", 5), ("image", (1, 4, 4)), ("text", 2)],
@@ -192,19 +197,19 @@ def test_finished_rows_leave_the_batch(pair):
                                                            config["vocab_size"], seed=2).items()
                              if k != "mm_token_type_ids"})
     lengths = [3, 8, 5]
-    batch_sizes = []
-    hook = ours.model.model.register_forward_hook(lambda mod, args, out: batch_sizes.append(args[0].shape[0]))
+    widths = []  # rows of each decode step (one new position per row)
+    hook = ours.model.model.register_forward_hook(
+        lambda mod, args, out: widths.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
     try:
-        out = [[] for _ in lengths]
-        for step in Generation(ours.model, inputs, [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]):
-            for row, token in zip(step.rows, step.tokens):
-                out[row].append(token)
+        ours.prefix_cache.clear()
+        runs = [ours.submit(inputs.rows(2, config["image_token_id"], config["video_token_id"])[b],
+                            ours.sampling(max_new_tokens=n, temperature=0))[0] for b, n in enumerate(lengths)]
+        ours.engine.run([seq for seq, _ in runs])
     finally:
         hook.remove()
+    out = [seq.tokens for seq, _ in runs]
     assert [len(o) for o in out] == lengths
-    assert batch_sizes == [3, 3, 3, 2, 2, 1, 1, 1]  # prefill, then decode steps 1..7
+    assert sum(widths) == sum(n - 1 for n in lengths) and widths[-1] == 1
     for b, n in enumerate(lengths):
-        alone = ModelInputs.of({"input_ids": inputs.input_ids[b:b + 1][:, inputs.attention_mask[b].bool()],
-                                "pixel_values": inputs.pixel_values if b == 0 else None,
-                                "image_grid_thw": inputs.image_grid_thw if b == 0 else None})
+        alone = inputs.rows(2, config["image_token_id"], config["video_token_id"])[b]
         assert ours.generate(alone, max_new_tokens=n, temperature=0) == [out[b]]

@@ -125,7 +125,6 @@ def test_drawn_png_has_the_boxes(assets, tmp_path):
 
 def test_results_carry_boxes_and_ground_asks_the_grounding_way(assets, tmp_path):
     from qwen2vl import Qwen2VL
-    from qwen2vl.generate import ChatResult, Usage
     from tests.oracle import tiny_checkpoint
 
     _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path / "m", seed=3, real_vocab_from=assets / "qwen2-vl-2b-instruct")
@@ -135,15 +134,16 @@ def test_results_carry_boxes_and_ground_asks_the_grounding_way(assets, tmp_path)
 
     def fake_chat(conversation, **kw):  # what a grounding answer looks like, from the real result plumbing
         asked["conversation"] = conversation
-        from qwen2vl.api import _result
-        from qwen2vl.generate import TextDelta
+        from qwen2vl.generate import Sequence, TextDelta
 
         x = model.processor(conversation, max_pixels=64 * 28 * 28)
         text = BOX.format(100, 500, 900, 600)
         ids = model.processor.tokenizer.encode(text)
         parts = [TextDelta(0, model.processor.tokenizer.decode([i], skip_special_tokens=True), i) for i in ids]
         parts[-1].finish_reason = "stop"
-        return _result(parts, x, model.config, model.sampling(), 0)
+        seq = Sequence(x, model.sampling(), lambda d: None)
+        seq.finish_reason = "stop"
+        return model.result(seq, parts)
 
     model.chat = fake_chat
     (b,) = model.ground(image, "the total")

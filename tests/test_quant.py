@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from qwen2vl import Qwen2VL, kernels
 from qwen2vl.cpu import NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
 from qwen2vl.datatypes import ModelInputs
-from qwen2vl.generate import Generation
 from qwen2vl.quant import QuantLinear
 from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
                                    pack_columns, quantize_rtn, unpack_columns)
@@ -356,8 +355,10 @@ def test_native_decode_equals_the_model_layers(awq_model):
     params = fast.sampling(max_new_tokens=12, min_new_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
 
     def decode():
-        steps = list(Generation(fast.model, ModelInputs.of(inputs), [params]))
-        return [s.tokens[0] for s in steps], torch.tensor([[v for _, v in s.top_logprobs[0]] for s in steps])
+        fast.prefix_cache.clear()
+        [(seq, deltas)] = fast.submit(ModelInputs.of(inputs), params)
+        fast.engine.run([seq])
+        return [d.token for d in deltas], torch.tensor([[v for _, v in d.top_logprobs] for d in deltas])
 
     tokens, logprobs = decode()
     swapped = list(text.layers)

@@ -21,9 +21,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError, Qwen2VLError
-from ..generate import TextDelta, Usage, chat_result, usage
+from ..generate import TextDelta, Usage
+from ..grammar import Constraint
 from ..inputs.fetch import MediaPolicy
-from .scheduler import Job, Scheduler
+from .metrics import Metrics
+from .scheduler import EngineThread, Job
 from .schema import ChatCompletionRequest
 
 
@@ -44,15 +46,23 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 
 def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, limits: Limits | None = None) -> FastAPI:
-    """`model` is a loaded qwen2vl.Qwen2VL. The app owns one Scheduler thread."""
+    """`model` is a loaded qwen2vl.Qwen2VL. The app runs one thread that steps the model's engine."""
     policy = policy or MediaPolicy.deny_all_but_data()
     limits = limits or Limits()
     processor = copy.copy(model.processor)  # this app's media policy, not the model's
     processor.policy = policy
-    scheduler = Scheduler(model, max_batch=limits.max_batch)
-    app = FastAPI(title="qwen2vl", version="0.1.0")
-    app.state.scheduler = scheduler
+    engine = model.engine
+    engine.max_batch = limits.max_batch
+    metrics = Metrics(engine)
+    engine.observer = metrics
+    runner = EngineThread(engine)
+    app = FastAPI(title="qwen2vl", version="0.1.0", on_shutdown=[runner.stop])
+    app.state.engine = engine
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return metrics.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -76,25 +86,27 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
         try:
             conversation, options = to_conversation(body, limits)
             params = model.sampling(**sampling_args(body, limits))
+            constraint = output_constraint(body)
             inputs = await run_in_threadpool(processor, conversation, **options)  # decoding off the event loop
+            grammar = await run_in_threadpool(model.compile, constraint)
         except InputError as e:
-            return error(400, str(e))
+            return error(400, str(e), param="response_format" if "cannot be compiled" in str(e) else None)
         except (ValueError, TypeError) as e:
             return error(400, str(e))
-        job = Job(inputs, params, asyncio.get_running_loop())
-        scheduler.submit(job)
+        job = Job(asyncio.get_running_loop())
+        [(job.seq, _)] = model.submit(inputs, params, grammar, sink=job.send)
         asyncio.get_running_loop().create_task(watch_disconnect(request, job))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(job, rid, created, model_name, include_usage, inputs, model.config),
+            return StreamingResponse(sse(job, rid, created, model_name, include_usage, model.config),
                                      media_type="text/event-stream")
         deltas: list[TextDelta] = []
         while (item := await job.events.get()) is not None:
             if isinstance(item, Exception):
                 return error(500, f"generation failed: {item}", "server_error")
             deltas.append(item)
-        r = chat_result(deltas, inputs, 0, model.config.image_token_id, model.config.video_token_id)
+        r = model.result(job.seq, deltas)
         message = {"role": "assistant", "content": r.text}
         if r.boxes:  # an extension field; OpenAI clients ignore it (the openai package exposes it as model_extra)
             message["boxes"] = [{"label": b.label, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "image": b.image}
@@ -108,38 +120,36 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
 
 
 async def watch_disconnect(request: Request, job: Job) -> None:
-    """Mark the job cancelled when its client goes away (the scheduler then stops its row at the next step)."""
+    """Cancel the job when its client goes away (the engine then drops its row at the next step)."""
     while not job.finished:
         if await request.is_disconnected():
-            job.cancelled = True
+            job.cancel()
             return
         await asyncio.sleep(0.05)
 
 
-async def sse(job: Job, rid: str, created: int, model_name: str, include_usage: bool, inputs, config):
+async def sse(job: Job, rid: str, created: int, model_name: str, include_usage: bool, config):
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    n = 0
     try:
         yield chunk({"role": "assistant", "content": ""})
         while (item := await job.events.get()) is not None:
             if isinstance(item, Exception):
                 yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
                 return
-            n += 1
             if item.text or item.finish_reason:
                 yield chunk({"content": item.text} if item.text else {}, item.finish_reason)
         if include_usage:
-            u = usage(inputs, 0, n, config.image_token_id, config.video_token_id)
+            u = job.seq.usage(config.image_token_id, config.video_token_id)
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [], "usage": usage_block(u)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled = True  # a client that left stops its generation at the next step
+        job.cancel()  # a client that left stops its generation at the next step (a no-op once it is done)
 
 
 def to_conversation(body: ChatCompletionRequest, limits: Limits) -> tuple[list[dict], dict[str, Any]]:
@@ -206,9 +216,21 @@ def sampling_args(body: ChatCompletionRequest, limits: Limits) -> dict[str, Any]
     return {k: v for k, v in args.items() if v is not None}
 
 
+def output_constraint(body: ChatCompletionRequest) -> Constraint | None:
+    f = body.response_format
+    if f is None or f.type == "text":
+        return None
+    if f.type == "json_object":
+        return Constraint(json_object=True)
+    if f.json_schema is None or f.json_schema.schema_ is None:
+        raise InputError("response_format json_schema needs json_schema.schema")
+    return Constraint(json_schema=f.json_schema.schema_)
+
+
 def usage_block(u: Usage) -> dict:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "image_tokens": u.image_tokens, "video_tokens": u.video_tokens}
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "image_tokens": u.image_tokens, "video_tokens": u.video_tokens}
 
 
 def logprobs_block(deltas: list[TextDelta], tokenizer) -> dict:
