@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from typing import Any
+from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct-AWQ"
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--system", help="a system prompt")
     run.add_argument("--json", action="store_true", help="print one JSON object (text, usage, timings) at the end")
     run.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes onto the image")
+    run.add_argument("--json-schema", metavar="FILE", help="constrain the answer to JSON valid under this schema")
     run.add_argument("prompt", help="the question")
 
     chat = sub.add_parser("chat", help="an interactive conversation (/image PATH, /video PATH, /clear, /quit)")
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-video-frames", type=int, default=64)
     serve.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--kv-cache-bytes", type=int, default=1 << 30,
+                       help="the prefix cache's budget: keys and values of earlier prompts, reused (LRU)")
+    serve.add_argument("--prefill-chunk", type=int, default=256,
+                       help="prompt tokens prefilled between decode steps while others are decoding")
 
     b = sub.add_parser("bench", help="qwen2vl and its peers side by side on random 2B checkpoints")
     b.add_argument("--assets", default=os.environ.get("QWEN2VL_ASSETS", "../shared/assets"),
@@ -196,8 +202,6 @@ def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
 
 def draw_boxes(boxes, images: list[str], out: str) -> list[str]:
     """Draw each image's boxes; OUT.png for one image, OUT-1.png, OUT-2.png, ... for several."""
-    from pathlib import Path
-
     from .grounding import draw
     from .inputs.fetch import MediaPolicy
     from .inputs.image import load_image
@@ -221,7 +225,8 @@ def cmd_run(args) -> int:
     t0 = time.time()
     first = None
     with vision_progress(model):
-        stream = model.chat(conversation, stream=True, progress=True, **_sampling(args), **_options(args))
+        schema = {"json_schema": Path(args.json_schema).read_text()} if args.json_schema else {}
+        stream = model.chat(conversation, stream=True, progress=True, **_sampling(args), **_options(args), **schema)
         for delta in stream:
             first = first or time.time() - t0
             if not args.json:
@@ -304,14 +309,13 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
     import uvicorn
 
     from .inputs.fetch import MediaPolicy
     from .server.app import Limits, create_app
 
     model, _ = _load(args)
+    model.prefix_cache.max_bytes, model.engine.chunk = args.kv_cache_bytes, args.prefill_chunk
     policy = MediaPolicy(
         allow_local=args.allowed_local_media_path is not None,
         local_roots=(Path(args.allowed_local_media_path),) if args.allowed_local_media_path else None,

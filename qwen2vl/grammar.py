@@ -16,6 +16,8 @@ import torch
 
 from .errors import InputError
 
+COMPACT = (",", ":")  # JSON separators: no whitespace at all between tokens
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -62,9 +64,10 @@ class Grammars:
         try:
             if c.json_schema is not None:
                 schema = c.json_schema if isinstance(c.json_schema, str) else json.dumps(c.json_schema)
-                return self.compiler.compile_json_schema(schema, any_whitespace=False)
+                return self.compiler.compile_json_schema(schema, any_whitespace=False, separators=COMPACT)
             if c.json_object:
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                         separators=COMPACT)
             if c.regex is not None:
                 return self.compiler.compile_regex(c.regex)
             rule = " | ".join(json.dumps(s, ensure_ascii=False) for s in c.choice)

@@ -208,7 +208,9 @@ def sampling_args(body: ChatCompletionRequest, limits: Limits) -> dict[str, Any]
     max_tokens = body.max_completion_tokens or body.max_tokens or min(512, limits.max_tokens)
     if max_tokens > limits.max_tokens:
         raise InputError(f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}")
-    args = {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+    if body.min_tokens is not None and body.min_tokens > max_tokens:
+        raise InputError(f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}")
+    args = {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
             "min_p": body.min_p, "presence_penalty": body.presence_penalty, "seed": body.seed,
             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
             "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
