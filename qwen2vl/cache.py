@@ -38,7 +38,8 @@ class KVCache:
 
     def keep(self, rows: torch.Tensor, first: int = 0) -> None:
         """Keep these batch rows, and positions from `first` on."""
-        self.k, self.v = self.k[:, rows, :, first:], self.v[:, rows, :, first:]
+        self.k = self.k[:, rows, :, first:].contiguous()
+        self.v = self.v[:, rows, :, first:].contiguous()
         self.length -= first
 
     @classmethod

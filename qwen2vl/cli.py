@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds per item (best and median reported)")
     b.add_argument("--no-transformers", action="store_true", help="measure qwen2vl only")
+    b.add_argument("--serving", action="store_true", help="measure the server instead (bench_serving.py): a second "
+                   "turn's time to first token, and four concurrent streams against one")
     b.add_argument("--python", help="the interpreter for qwen2vl's side (e.g. a venv with torch's CPU build, "
                                     "as a CPU user installs it); default: this one")
     b.add_argument("--append", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
@@ -330,6 +332,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.serving:
+        from .bench_serving import main as serving
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return serving(args)
     from .bench import main as bench
 
     return bench(args)

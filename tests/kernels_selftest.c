@@ -71,8 +71,15 @@ int main(void) {
     for (int i = 0; i < (Hq + 2 * Hkv) * hd; i++) qb[i] = 0.1f * rnd();
     for (int i = 0; i < Hkv * cap * hd; i++) { kc[i] = rnd(); vc[i] = rnd(); }
     decode_layer_t L = {Dm, Hq, Hkv, hd, I, 1e-6f, ln1, ln2, qw, ow, guw, dw, qs, os, gus, ds, qz, oz, guz, dz, qb};
-    decode_layer(&L, xl, cs, sn, kc, vc, cap, 2, 2);
+    decode_layer(&L, xl, 1, cs, sn, kc, vc, cap, 2, NULL, 2);
     show("decode_layer", xl, Dm);
+    /* The same layer for two sequences at once, the second left-padded by one position. */
+    static float xb[2 * Dm], kb[2 * Hkv * cap * hd], vb[2 * Hkv * cap * hd];
+    const int starts[2] = {0, 1};
+    for (int i = 0; i < 2 * Dm; i++) xb[i] = rnd();
+    for (int i = 0; i < 2 * Hkv * cap * hd; i++) { kb[i] = rnd(); vb[i] = rnd(); }
+    decode_layer(&L, xb, 2, cs, sn, kb, vb, cap, 2, starts, 2);
+    show("decode_layer_m2", xb, 2 * Dm);
 
     /* The vision attention over two segments of 70 rows, 2 heads of 32. */
     enum { AL = 70, AH = 2, AD = 32 };

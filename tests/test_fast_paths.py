@@ -44,7 +44,7 @@ def test_scan_head_greedy_is_exact(scan_backend, rows):
         ref = x @ w.float().t()
         out = head(x)
         assert torch.equal(out.argmax(-1), ref.argmax(-1))
-        approx, err = head.scan(x)
+        approx, err = head.bound(x)
         top = approx.topk(head_module.REFINE, dim=-1).indices  # the scan's best REFINE are recomputed exactly
         assert torch.allclose(out.gather(1, top), ref.gather(1, top), rtol=0, atol=1e-5)
         assert ((out - ref).abs() <= err + 1e-5).all()

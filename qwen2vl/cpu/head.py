@@ -70,20 +70,26 @@ class ScanHead(nn.Module):
             self.scale[r0:r0 + n] = s
             r0 += n
         assert r0 == V, (r0, V)
+        self.scale_max = float(self.scale.float().max())
 
-    def scan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Approximate logits (M, V) of x (M, D) and an upper bound on their error (M, V)."""
-        s = self.scale.float()
+    def scan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Approximate logits (M, V) of x (M, D), and the terms of their error bound: token t of row m is off by at
+        most scale[t] * c[m] + |approx| * rel + abs (returned as approx, c (M, 1), rel, abs)."""
         if self.native:
             approx = self.kernels.q8x4_gemv(x, self.q8, self.scale)
             # weights: s/2 |x|_1; activations rounded to int16 per 128 (kernels.c): 127 s D max|x| / 65534;
             # float32 sums: relative 1e-4.
             D = x.shape[-1]
-            err = s * (0.51 * x.abs().sum(-1, keepdim=True) + 127 * D / 65534 * x.abs().amax(-1, keepdim=True))
-            return approx, err + approx.abs() * 1e-4 + 1e-4
+            c = 0.51 * x.abs().sum(-1, keepdim=True) + 127 * D / 65534 * x.abs().amax(-1, keepdim=True)
+            return approx, c, 1e-4, 1e-4
         approx = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q8, self.scale).float()
         # weights: s/2 |x|_1; bf16 activations: 127 * 2^-9 s |x|_1; bf16 output: 2^-8 |approx|; float32 sums.
-        return approx, s * (0.76 * x.abs().sum(-1, keepdim=True)) + approx.abs() * 2**-8 + 1e-3
+        return approx, 0.76 * x.abs().sum(-1, keepdim=True), 2**-8, 1e-3
+
+    def bound(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate logits (M, V) of x and the whole bound on their error (M, V)."""
+        approx, c, rel, abs_ = self.scan(x)
+        return approx, self.scale.float() * c + approx.abs() * rel + abs_
 
     def exact(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits from the 16-bit weights: all tokens (x (M, D) -> (M, V)), or `rows` (M, R) -> (M, R)."""
@@ -100,16 +106,21 @@ class ScanHead(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] > SCAN_ROWS:
             return self.exact(x2).view(*shape[:-1], -1)
-        approx, err = self.scan(x2)
-        idx = top_indices(approx, REFINE)  # (M, k)
+        approx, c, rel, abs_ = self.scan(x2)
+        ranked = top_indices(approx, REFINE + 1)  # (M, k + 1), best first
+        idx = ranked[:, :REFINE]
         exact = self.exact(x2, idx)
-        upper = err.add_(approx).scatter_(-1, idx, float("-inf"))  # exact <= upper for every token not refined
-        out = approx.scatter_(-1, idx, exact)
-        # Proven when the best refined logit beats every other token's upper bound; else refine more.
         best = exact.amax(-1)
-        unsure = best <= upper.amax(-1)
+        # Proven when the best refined logit beats every other token's bound. First with the largest scale for all
+        # (the bound then peaks at the best token not refined), over the whole vocabulary only where that fails.
+        nxt = approx.gather(-1, ranked[:, REFINE:])[:, 0]
+        unsure = best <= nxt + nxt.abs() * rel + self.scale_max * c[:, 0] + abs_
+        out = approx.scatter_(-1, idx, exact)  # the refined tokens' entries are excluded from `upper` below
         for m in unsure.nonzero()[:, 0].tolist():  # rare: flat distributions
-            out[m] = self._widen(x2[m], out[m], upper[m], float(best[m]))
+            upper = (out[m] + self.scale.float() * c[m] + out[m].abs() * rel + abs_).index_fill_(
+                0, idx[m], float("-inf"))  # exact <= upper for every token not refined
+            if float(best[m]) <= float(upper.max()):
+                out[m] = self._widen(x2[m], out[m], upper, float(best[m]))
         return out.view(*shape[:-1], -1)
 
     def _widen(self, x: torch.Tensor, logits: torch.Tensor, upper: torch.Tensor, best: float) -> torch.Tensor:

@@ -153,7 +153,7 @@ class Kernels:
             "rotary_qk": [_P, _I, _I, _I, _P, _P, _I, _I],
             "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
-            "decode_layer": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
+            "decode_layer": [_P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _I],
             "awq_unpack_t": [_P, _I, _I, _P, _P, _I],
             "vit_attention_bf16": [_P, _I, _I, _I, _I, _P, ctypes.c_float, _I],
         }.items():

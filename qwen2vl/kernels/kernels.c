@@ -378,41 +378,53 @@ static void attend(const float *q, const float *k, const float *v, int S, int hd
     }
 }
 
-/* x (D,) float32 in place; cos, sin (hd,) for this position (sin sign-folded); kc, vc this layer's cache
-   (Hkv, cap, hd), `pos` positions filled (this token's k, v are written at pos). hd % 16 == 0, hd <= 512. */
-void decode_layer(const decode_layer_t *L, float *x, const float *cos, const float *sin, float *kc, float *vc,
-                  int cap, int pos, int threads) {
+/* x (M, D) float32 in place, M <= 16 rows (sequences) decoding one token each; cos, sin (M, hd) for each row's
+   position (sin sign-folded); kc, vc this layer's cache (M, Hkv, cap, hd), `pos` positions filled (each row's k, v
+   are written at pos). Row m attends to its keys start[m]..pos (left padding before start[m]; start NULL: all from 0).
+   hd % 16 == 0, hd <= 512. The matmuls read each weight once for all M rows. */
+void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, const float *sin, float *kc,
+                  float *vc, int cap, int pos, const int *start, int threads) {
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, S = pos + 1;
-    const int Nqkv = (H + 2 * Hkv) * hd;
-    float *a = malloc(sizeof(float) * (size_t)(D > H * hd ? D : H * hd));
-    float *qkv = malloc(sizeof(float) * Nqkv), *o = malloc(sizeof(float) * D);
-    float *att = malloc(sizeof(float) * (size_t)H * hd), *sc = malloc(sizeof(float) * (size_t)H * S);
-    float *gu = malloc(sizeof(float) * 2 * (size_t)I);
-    rms_norm_row(x, L->ln1, D, L->eps, a);
-    q4x4_gemv(a, 1, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
-    for (int i = 0; i < Nqkv; i++) qkv[i] += L->qkv_b[i];
-    for (int h = 0; h < H + Hkv; h++) {  /* q's heads, then k's */
-        float t[512];
-        memcpy(t, qkv + (size_t)h * hd, sizeof(float) * hd);
-        rotate_row(t, qkv + (size_t)h * hd, hd, cos, sin);
-    }
-    for (int g = 0; g < Hkv; g++) {
-        memcpy(kc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + g) * hd, sizeof(float) * hd);
-        memcpy(vc + ((size_t)g * cap + pos) * hd, qkv + (size_t)(H + Hkv + g) * hd, sizeof(float) * hd);
+    const int Nqkv = (H + 2 * Hkv) * hd, W = D > H * hd ? D : H * hd;
+    const size_t row_kv = (size_t)Hkv * cap * hd;  /* one sequence's cache in this layer */
+    float *a = malloc(sizeof(float) * (size_t)M * W);
+    float *qkv = malloc(sizeof(float) * (size_t)M * Nqkv), *o = malloc(sizeof(float) * (size_t)M * D);
+    float *att = malloc(sizeof(float) * (size_t)M * H * hd), *sc = malloc(sizeof(float) * (size_t)M * H * S);
+    float *gu = malloc(sizeof(float) * 2 * (size_t)M * I);
+    for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln1, D, L->eps, a + (size_t)m * D);
+    q4x4_gemv(a, M, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
+    for (int m = 0; m < M; m++) {
+        float *r = qkv + (size_t)m * Nqkv;
+        for (int i = 0; i < Nqkv; i++) r[i] += L->qkv_b[i];
+        for (int h = 0; h < H + Hkv; h++) {  /* q's heads, then k's */
+            float t[512];
+            memcpy(t, r + (size_t)h * hd, sizeof(float) * hd);
+            rotate_row(t, r + (size_t)h * hd, hd, cos + (size_t)m * hd, sin + (size_t)m * hd);
+        }
+        for (int g = 0; g < Hkv; g++) {
+            memcpy(kc + m * row_kv + ((size_t)g * cap + pos) * hd, r + (size_t)(H + g) * hd, sizeof(float) * hd);
+            memcpy(vc + m * row_kv + ((size_t)g * cap + pos) * hd, r + (size_t)(H + Hkv + g) * hd,
+                   sizeof(float) * hd);
+        }
     }
     const float scale = 1.f / sqrtf((float)hd);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int h = 0; h < H; h++) {
-        const size_t g = (size_t)(h / (H / Hkv)) * cap * hd;
-        attend(qkv + (size_t)h * hd, kc + g, vc + g, S, hd, scale, sc + (size_t)h * S, att + (size_t)h * hd);
+    for (int mh = 0; mh < M * H; mh++) {
+        const int m = mh / H, h = mh % H, s0 = start ? start[m] : 0;
+        const size_t g = m * row_kv + ((size_t)(h / (H / Hkv)) * cap + s0) * hd;
+        attend(qkv + (size_t)m * Nqkv + (size_t)h * hd, kc + g, vc + g, S - s0, hd, scale, sc + (size_t)mh * S,
+               att + (size_t)mh * hd);
     }
-    q4x4_gemv(att, 1, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
-    for (int i = 0; i < D; i++) x[i] += o[i];
-    rms_norm_row(x, L->ln2, D, L->eps, a);
-    q4x4_gemv(a, 1, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
-    for (int i = 0; i < I; i++) gu[i] = silu_c(gu[i]) * gu[I + i];
-    q4x4_gemv(gu, 1, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
-    for (int i = 0; i < D; i++) x[i] += o[i];
+    q4x4_gemv(att, M, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
+    for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln2, D, L->eps, a + (size_t)m * D);
+    q4x4_gemv(a, M, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
+    for (int m = 0; m < M; m++) {
+        float *r = gu + (size_t)m * 2 * I, *out = gu + (size_t)m * I;  /* packed in place: row m's I products */
+        for (int i = 0; i < I; i++) { const float v = silu_c(r[i]) * r[I + i]; out[i] = v; }
+    }
+    q4x4_gemv(gu, M, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     free(a); free(qkv); free(o); free(att); free(sc); free(gu);
 }
 

@@ -61,6 +61,52 @@ static void q4x4_block1(const uint8_t *w, const uint16_t *scale, const uint8_t *
     out[3] = _mm512_reduce_add_ps(acc3) - c[3];
 }
 
+/* Up to four input rows (MT, a constant once inlined) against two of the block's weight rows at a time: their
+   2 x 4 accumulators, the two rows' unpacked weights and a group's activations all stay in registers (all four rows
+   at once spill). The block's bytes are re-read from L1 for the second pair. */
+static inline __attribute__((always_inline)) void q4x4_tile(const uint8_t *w, const uint16_t *scale,
+                                                            const uint8_t *zero, int G, const int16_t *xq,
+                                                            const float *xs, const float *xsum, int K, const int MT,
+                                                            float *out) {
+    const __m512i low = _mm512_set1_epi16(15);
+    for (int r0 = 0; r0 < 4; r0 += 2) {
+        __m512 acc[2][4];
+        float corr[2][4];
+        for (int r = 0; r < 2; r++)
+            for (int m = 0; m < MT; m++) { acc[r][m] = _mm512_setzero_ps(); corr[r][m] = 0.f; }
+        for (int g = 0; g < G; g++) {
+            const uint8_t *p = w + (size_t)g * 256 + r0 * 64;
+            if (r0 == 0) for (int o = 0; o < 256; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
+            __m512i lo0[2], lo1[2], hi0[2], hi1[2];
+            float sw[2], z[2];
+            for (int r = 0; r < 2; r++) {
+                const __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));
+                const __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32)));
+                lo0[r] = _mm512_and_si512(b0, low), hi0[r] = _mm512_srli_epi16(b0, 4);
+                lo1[r] = _mm512_and_si512(b1, low), hi1[r] = _mm512_srli_epi16(b1, 4);
+                sw[r] = half_to_float(scale[g * 4 + r0 + r]);
+                z[r] = (float)zero[g * 4 + r0 + r];
+            }
+            for (int m = 0; m < MT; m++) {
+                const int16_t *xg = xq + (size_t)m * K + g * 128;
+                const __m512i x0 = _mm512_loadu_si512(xg), x1 = _mm512_loadu_si512(xg + 32),
+                              x2 = _mm512_loadu_si512(xg + 64), x3 = _mm512_loadu_si512(xg + 96);
+                for (int r = 0; r < 2; r++) {
+                    __m512i a = dot16(_mm512_setzero_si512(), lo0[r], x0);
+                    a = dot16(a, lo1[r], x1);
+                    a = dot16(a, hi0[r], x2);
+                    a = dot16(a, hi1[r], x3);
+                    const float f = sw[r] * xs[m * G + g];
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(f), acc[r][m]);
+                    corr[r][m] += f * z[r] * xsum[m * G + g];
+                }
+            }
+        }
+        for (int r = 0; r < 2; r++)
+            for (int m = 0; m < MT; m++) out[m * 4 + r0 + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
+    }
+}
+
 /* out[m * 4 + r] = row r of this 4-row block (w, scale, zero at the block's first group) . x_m, for M <= 16. */
 static void q4x4_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
                        const float *xs, const float *xsum, int M, int K, float *out) {
@@ -68,32 +114,17 @@ static void q4x4_block(const uint8_t *w, const uint16_t *scale, const uint8_t *z
         q4x4_block1(w, scale, zero, G, xq, xs, xsum, out);
         return;
     }
-    const __m512i low = _mm512_set1_epi16(15);
-    __m512 acc[4][QK_MAX_M];
-    float corr[4][QK_MAX_M];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) { acc[r][m] = _mm512_setzero_ps(); corr[r][m] = 0.f; }
-    for (int g = 0; g < G; g++) {
-        const uint8_t *p = w + (size_t)g * 256;
-        for (int o = 0; o < 256; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
-        float sw[4];
-        _mm_storeu_ps(sw, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + g * 4))));
-        for (int r = 0; r < 4; r++) {
-            const __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));
-            const __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32)));
-            const __m512i lo0 = _mm512_and_si512(b0, low), hi0 = _mm512_srli_epi16(b0, 4);
-            const __m512i lo1 = _mm512_and_si512(b1, low), hi1 = _mm512_srli_epi16(b1, 4);
-            const float z = (float)zero[g * 4 + r];
-            for (int m = 0; m < M; m++) {
-                const __m512i a = dot128(lo0, lo1, hi0, hi1, xq + (size_t)m * K + g * 128);
-                const float f = sw[r] * xs[m * G + g];
-                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(f), acc[r][m]);
-                corr[r][m] += f * z * xsum[m * G + g];
-            }
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int16_t *x = xq + (size_t)m0 * K;
+        const float *s = xs + m0 * G, *sum = xsum + m0 * G;
+        float *o = out + m0 * 4;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: q4x4_tile(w, scale, zero, G, x, s, sum, K, 4, o); break;
+            case 3: q4x4_tile(w, scale, zero, G, x, s, sum, K, 3, o); break;
+            case 2: q4x4_tile(w, scale, zero, G, x, s, sum, K, 2, o); break;
+            default: q4x4_tile(w, scale, zero, G, x, s, sum, K, 1, o); break;
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) out[m * 4 + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
 }
 
 /* out[m * 4 + r] = the integer-exact dot of q8x4 row r with x_m, scaled per group by xs (not by the row's scale). */

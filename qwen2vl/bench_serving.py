@@ -1,0 +1,132 @@
+"""`qwen2vl bench --serving`: the server's engine measured through its HTTP API with the `openai` client, on the
+random-weight 2B AWQ checkpoint: time to first token of a second turn about the same image (prefix cache) against
+the first, and the aggregate decode rate of four concurrent streams against one stream. Rounds alternate; the table
+gives each item's best and median round."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+QUESTION, FOLLOW_UP = "Describe this image in detail.", "What colours stand out?"
+TOKENS = 128
+
+
+def serve(model):
+    """The real app on a free loopback port, in a thread: (base url, stop function)."""
+    import uvicorn
+
+    from .server.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(model, model_name="bench"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(30)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
+
+
+def image_uri(path: Path, size: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").resize((size, size)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def stream(client, messages, max_tokens: int, min_tokens: int = 0) -> tuple[float, float, int, str]:
+    """(time to first token, end time, tokens, text) of one streamed answer; times from the call."""
+    t0 = time.perf_counter()
+    first, n, parts = None, 0, []
+    for chunk in client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True, extra_body={"min_tokens": min_tokens}):
+        if chunk.choices and chunk.choices[0].delta.content is not None and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - t0
+            n += 1
+            parts.append(chunk.choices[0].delta.content)
+    return first, time.perf_counter() - t0, n, "".join(parts)
+
+
+def second_turn(client, model, image: str) -> tuple[float, float, int]:
+    """TTFT of turn 1 (caches empty) and turn 2 (the same image, turn 1's answer, a new question); turn 2's cached
+    prompt tokens."""
+    model.prefix_cache.clear()
+    model.vision_cache.entries.clear()
+    turn1 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                          {"type": "text", "text": QUESTION}]}]
+    t1, _, _, answer = stream(client, turn1, 32)
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW_UP}]
+    t2, _, _, _ = stream(client, turn2, 32)
+    r = client.chat.completions.create(model="bench", messages=turn2, max_tokens=1, temperature=0)
+    return t1, t2, r.usage.prompt_tokens_details.cached_tokens
+
+
+def streams(client, n: int) -> float:
+    """Aggregate tokens/s of n concurrent streams of TOKENS tokens each (short distinct prompts), from the first
+    request to the last token."""
+    out = [None] * n
+    prompts = [f"Write story number {i} about a lighthouse." for i in range(n)]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+        i, stream(client, [{"role": "user", "content": prompts[i]}], TOKENS, TOKENS))) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(o[2] for o in out) / (time.perf_counter() - t0)
+
+
+def main(args) -> int:
+    from openai import OpenAI
+
+    from . import Qwen2VL, kernels
+
+    model = Qwen2VL.from_pretrained(args.awq, progress=False)
+    image = image_uri(Path(args.image) if args.image else Path(args.assets) / "images" / "astronaut.png", 448)
+    url, stop = serve(model)
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    rows: dict[str, list[float]] = {k: [] for k in ("ttft1", "ttft2", "ratio", "one", "four", "gain")}
+    cached = 0
+    try:
+        streams(client, 1)  # warm
+        for r in range(args.rounds):
+            t1, t2, cached = second_turn(client, model, image)
+            one, four = streams(client, 1), streams(client, 4)
+            for k, v in (("ttft1", t1), ("ttft2", t2), ("ratio", t2 / t1), ("one", one), ("four", four),
+                         ("gain", four / one)):
+                rows[k].append(v)
+            print(f"round {r + 1}: turn 1 {t1:.2f} s, turn 2 {t2:.2f} s ({t2 / t1:.3f}x); 1 stream {one:.1f} tok/s, "
+                  f"4 streams {four:.1f} tok/s ({four / one:.2f}x)", flush=True)
+    finally:
+        stop()
+    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd")
+                     if f in kernels.cpu_flags())
+    best = lambda k, hi: max(rows[k]) if hi else min(rows[k])
+    lines = [f"CPU: {kernels.cpu_name()} ({flags}), {args.threads or 'all'} threads; plan: decode "
+             f"{model.plan.decode if model.plan else '-'}; {args.rounds} rounds", "",
+             "| serving, 2B AWQ shape (random weights) | best | median |", "|---|---|---|"]
+    for k, label, hi, fmt in (("ttft1", "TTFT, turn 1: 448x448 + question (s)", False, "{:.2f}"),
+                              ("ttft2", f"TTFT, turn 2: same image, new question (s); {cached} prompt tokens cached",
+                               False, "{:.2f}"),
+                              ("ratio", "turn 2 / turn 1", False, "{:.3f}"),
+                              ("one", f"1 stream, {TOKENS} tokens (tok/s)", True, "{:.1f}"),
+                              ("four", f"4 concurrent streams, {TOKENS} tokens each (aggregate tok/s)", True, "{:.1f}"),
+                              ("gain", "4 streams / 1 stream", True, "{:.2f}")):
+        lines.append(f"| {label} | {fmt.format(best(k, hi))} | {fmt.format(statistics.median(rows[k]))} |")
+    print("\n".join(lines))
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+    return 0
