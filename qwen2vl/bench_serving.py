@@ -1,48 +1,54 @@
-"""`qwen2vl bench --serving`: the server's engine measured through its HTTP API with the `openai` client, on the
-random-weight 2B AWQ checkpoint: time to first token of a second turn about the same image (prefix cache) against
-the first, and the aggregate decode rate of four concurrent streams against one stream. Rounds alternate; the table
-gives each item's best and median round."""
+"""`qwen2vl bench --serving`: `qwen2vl serve` measured through its HTTP API with the `openai` client (in this process;
+the server is its own process, as for remote clients), on the random-weight 2B AWQ checkpoint: time to first token
+of a second turn about the same image (prefix cache) against the first, and the aggregate decode rate of four
+concurrent streams against one stream. Each round's image is new to the server (one pixel differs). Rounds
+alternate; the table gives each item's best and median round."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 QUESTION, FOLLOW_UP = "Describe this image in detail.", "What colours stand out?"
 TOKENS = 128
 
 
-def serve(model):
-    """The real app on a free loopback port, in a thread: (base url, stop function)."""
-    import uvicorn
-
-    from .server.app import create_app
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(model, model_name="bench"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(30)
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
+def serve(checkpoint: str, threads: int | None) -> tuple[str, subprocess.Popen]:
+    """`qwen2vl serve` on a free loopback port: (base url, process), once it answers /health."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2vl.cli", "serve", "--model", checkpoint, "--port",
+                             str(port), "--served-model-name", "bench"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"qwen2vl serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return url + "/v1", proc
+        except OSError:
+            time.sleep(0.5)
 
 
-def image_uri(path: Path, size: int) -> str:
+def image_uri(path: Path, size: int, variant: int) -> str:
+    """The image resized, with pixel (0, 0) set from `variant`: a new image to the server's caches each round."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.open(path).convert("RGB").resize((size, size)).save(buf, format="PNG")
+    image = Image.open(path).convert("RGB").resize((size, size))
+    image.putpixel((0, 0), (variant % 256, variant // 256 % 256, 7))
+    image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -59,11 +65,9 @@ def stream(client, messages, max_tokens: int, min_tokens: int = 0) -> tuple[floa
     return first, time.perf_counter() - t0, n, "".join(parts)
 
 
-def second_turn(client, model, image: str) -> tuple[float, float, int]:
-    """TTFT of turn 1 (caches empty) and turn 2 (the same image, turn 1's answer, a new question); turn 2's cached
-    prompt tokens."""
-    model.prefix_cache.clear()
-    model.vision_cache.entries.clear()
+def second_turn(client, image: str) -> tuple[float, float, int]:
+    """TTFT of turn 1 (an image new to the server) and turn 2 (the same image, turn 1's answer, a new question);
+    turn 2's cached prompt tokens."""
     turn1 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                           {"type": "text", "text": QUESTION}]}]
     t1, _, _, answer = stream(client, turn1, 32)
@@ -91,18 +95,17 @@ def streams(client, n: int) -> float:
 def main(args) -> int:
     from openai import OpenAI
 
-    from . import Qwen2VL, kernels
+    from . import kernels
 
-    model = Qwen2VL.from_pretrained(args.awq, progress=False)
-    image = image_uri(Path(args.image) if args.image else Path(args.assets) / "images" / "astronaut.png", 448)
-    url, stop = serve(model)
+    image = Path(args.image) if args.image else Path(args.assets) / "images" / "astronaut.png"
+    url, server = serve(args.awq, args.threads)
     client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     rows: dict[str, list[float]] = {k: [] for k in ("ttft1", "ttft2", "ratio", "one", "four", "gain")}
     cached = 0
     try:
         streams(client, 1)  # warm
         for r in range(args.rounds):
-            t1, t2, cached = second_turn(client, model, image)
+            t1, t2, cached = second_turn(client, image_uri(image, 448, r + 1))
             one, four = streams(client, 1), streams(client, 4)
             for k, v in (("ttft1", t1), ("ttft2", t2), ("ratio", t2 / t1), ("one", one), ("four", four),
                          ("gain", four / one)):
@@ -110,12 +113,12 @@ def main(args) -> int:
             print(f"round {r + 1}: turn 1 {t1:.2f} s, turn 2 {t2:.2f} s ({t2 / t1:.3f}x); 1 stream {one:.1f} tok/s, "
                   f"4 streams {four:.1f} tok/s ({four / one:.2f}x)", flush=True)
     finally:
-        stop()
+        server.terminate()
+        server.wait(60)
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd")
                      if f in kernels.cpu_flags())
     best = lambda k, hi: max(rows[k]) if hi else min(rows[k])
-    lines = [f"CPU: {kernels.cpu_name()} ({flags}), {args.threads or 'all'} threads; plan: decode "
-             f"{model.plan.decode if model.plan else '-'}; {args.rounds} rounds", "",
+    lines = [f"CPU: {kernels.cpu_name()} ({flags}), {args.threads or 'all'} threads; {args.rounds} rounds", "",
              "| serving, 2B AWQ shape (random weights) | best | median |", "|---|---|---|"]
     for k, label, hi, fmt in (("ttft1", "TTFT, turn 1: 448x448 + question (s)", False, "{:.2f}"),
                               ("ttft2", f"TTFT, turn 2: same image, new question (s); {cached} prompt tokens cached",

@@ -335,10 +335,6 @@ def cmd_bench(args) -> int:
     if args.serving:
         from .bench_serving import main as serving
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         return serving(args)
     from .bench import main as bench
 

@@ -338,3 +338,30 @@ def test_a_client_that_leaves_stops_its_generation(model):
         assert r.choices[0].message.content is not None
     finally:
         s.close()
+
+
+def test_a_client_that_leaves_a_plain_request_stops_its_generation(model):
+    """The same for a non-streaming request: the server notices the closed connection and cancels the answer."""
+    import http.client
+
+    s = make_server(model)
+    engine = s.server.config.app.state.engine
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 4000,
+            "min_tokens": 4000, "temperature": 0}), {"Content-Type": "application/json"})
+        for _ in range(500):
+            if engine.rows:
+                break
+            time.sleep(0.02)
+        [seq] = engine.rows
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        for _ in range(500):
+            if seq.done:
+                break
+            time.sleep(0.02)
+        assert seq.finish_reason == "abort" and len(seq.tokens) < 4000 and not engine.rows
+    finally:
+        s.close()
