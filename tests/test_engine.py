@@ -51,6 +51,17 @@ def image_message(image: Image.Image, question: str) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
+def concurrently(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)], called from n threads at once."""
+    out = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
 def photo(assets, name="astronaut.png", size=(224, 224)) -> Image.Image:
     return Image.open(assets / "images" / name).convert("RGB").resize(size)
 
@@ -116,12 +127,7 @@ def test_concurrent_requests_equal_one_at_a_time(server):
         return c.message.content, c.finish_reason, [t.logprob for t in c.logprobs.content] if c.logprobs else None
 
     alone = [ask(i) for i in range(8)]
-    together = [None] * 8
-    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    together = concurrently(ask, 8)
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a[:2] == b[:2], f"request {i} ({REQUESTS[i]})"
         if a[2] is not None:
@@ -181,13 +187,7 @@ def test_json_schema_output_validates_every_time(server):
                            if c.choices)
         return client.chat.completions.create(**kw).choices[0].message.content
 
-    outputs = [None] * 8
-    threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, ask(i))) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    outputs += [ask(i, stream=True) for i in range(4)]
+    outputs = concurrently(ask, 8) + [ask(i, stream=True) for i in range(4)]
     for text in outputs:
         jsonschema.validate(json.loads(text), SCHEMA)
         assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False) or "\\" in text

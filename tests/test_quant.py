@@ -343,6 +343,18 @@ def test_prefill_mlp_equals_the_model_mlp(awq_model):
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
+def with_model_layers(text, run):
+    """run() with the model's own decoder layers in place of the native ones."""
+    swapped = list(text.layers)
+    try:
+        for i, layer in enumerate(swapped):
+            text.layers[i] = layer.layer
+        return run()
+    finally:
+        for i, layer in enumerate(swapped):
+            text.layers[i] = layer
+
+
 def test_native_decode_equals_the_model_layers(awq_model):
     """Where every projection runs the native q4x4 kernel, the fast model decodes one sequence with one native call
     per layer: the same greedy tokens as the model's own layers, and logprobs within 1e-3 of their scale. RMSNorm's
@@ -367,14 +379,7 @@ def test_native_decode_equals_the_model_layers(awq_model):
         return [d.token for d in deltas], torch.tensor([[v for _, v in d.top_logprobs] for d in deltas])
 
     tokens, logprobs = decode()
-    swapped = list(text.layers)
-    try:
-        for i, layer in enumerate(swapped):
-            text.layers[i] = layer.layer
-        ref_tokens, ref_logprobs = decode()
-    finally:
-        for i, layer in enumerate(swapped):
-            text.layers[i] = layer
+    ref_tokens, ref_logprobs = with_model_layers(text, decode)
     assert tokens == ref_tokens
     assert (logprobs - ref_logprobs).abs().max() <= 1e-3 * ref_logprobs.abs().max()
 
@@ -407,14 +412,7 @@ def test_native_decode_batches_equal_the_model_layers(awq_model):
     finally:
         hook.remove()
     assert max(widths) == 3  # the rows did decode together
-    swapped = list(text.layers)
-    try:
-        for i, layer in enumerate(swapped):
-            text.layers[i] = layer.layer
-        ref_tokens, ref_logprobs = decode()
-    finally:
-        for i, layer in enumerate(swapped):
-            text.layers[i] = layer
+    ref_tokens, ref_logprobs = with_model_layers(text, decode)
     assert tokens == ref_tokens
     assert (logprobs - ref_logprobs).abs().max() <= 1e-3 * ref_logprobs.abs().max()
 
