@@ -44,21 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model id clients use (default: --model)")
-    serve.add_argument("--allow-remote-media", action="store_true",
-                       help="let requests fetch http(s) media (public addresses only, checked on every redirect)")
-    serve.add_argument("--allowed-domains", nargs="+", help="with --allow-remote-media: only these hosts")
-    serve.add_argument("--allowed-local-media-path", help="let requests read files under this directory")
-    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
-    serve.add_argument("--max-images", type=int, default=8, help="per request")
-    serve.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="per image, after resizing")
-    serve.add_argument("--max-image-pixels", type=int, default=100_000_000, help="refuse larger files undecoded")
-    serve.add_argument("--max-video-frames", type=int, default=64)
-    serve.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
-    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    serve.add_argument("--kv-cache-bytes", type=int, default=1 << 30,
-                       help="the prefix cache's budget: keys and values of earlier prompts, reused (LRU)")
-    serve.add_argument("--prefill-chunk", type=int, default=256,
-                       help="prompt tokens prefilled between decode steps while others are decoding")
+    _server_args(serve)
+
+    batch = sub.add_parser("batch", help="answer an OpenAI Batch JSONL file (resumable: run it again after a crash)")
+    _model_args(batch)
+    batch.add_argument("input", help="INPUT.jsonl: {custom_id, method, url, body} per line")
+    batch.add_argument("output", help="OUTPUT.jsonl: results are appended; lines already answered are skipped")
+    batch.add_argument("--served-model-name", help="the model id in the answers (default: --model)")
+    _server_args(batch)
 
     b = sub.add_parser("bench", help="qwen2vl and its peers side by side on random 2B checkpoints")
     b.add_argument("--assets", default=os.environ.get("QWEN2VL_ASSETS", "../shared/assets"),
@@ -97,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "quantize": cmd_quantize,
-                "bench": cmd_bench, "info": cmd_info}[args.command](args)
+                "bench": cmd_bench, "info": cmd_info, "batch": cmd_batch}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the user gets one clear line, not a traceback
@@ -120,6 +113,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact", action="store_true",
                    help="quantized checkpoints on CPU: keep every matmul in float32 (no bf16 vision/prefill, no int8 "
                         "scan of the LM head); slower, see BENCHMARKS.md for what the fast paths cost")
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """What `serve` and `batch` share: the media policy, the request limits and the engine's budget."""
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests fetch http(s) media (public addresses only, checked on every redirect)")
+    p.add_argument("--allowed-domains", nargs="+", help="with --allow-remote-media: only these hosts")
+    p.add_argument("--allowed-local-media-path", help="let requests read files under this directory")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--max-images", type=int, default=8, help="per request")
+    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="per image, after resizing")
+    p.add_argument("--max-image-pixels", type=int, default=100_000_000, help="refuse larger files undecoded")
+    p.add_argument("--max-video-frames", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30,
+                   help="the prefix cache's budget: keys and values of earlier prompts, reused (LRU)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled between decode steps while others are decoding")
 
 
 def _media_args(p: argparse.ArgumentParser) -> None:
@@ -310,9 +322,8 @@ def cmd_chat(args) -> int:
         images, videos = [], []
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
-
+def _app(args):
+    """The server's app for `serve` and `batch`, with the flags' media policy, limits and engine budget."""
     from .inputs.fetch import MediaPolicy
     from .server.app import Limits, create_app
 
@@ -326,8 +337,30 @@ def cmd_serve(args) -> int:
         max_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels,
                     max_video_frames=args.max_video_frames, max_tokens=args.max_tokens, max_batch=args.max_batch)
-    app = create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits)
-    uvicorn.run(app, host=args.host, port=args.port)
+    return create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    uvicorn.run(_app(args), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    import asyncio
+
+    from .batch import read_input, run
+
+    source, target = Path(args.input), Path(args.output)
+    read_input(source)  # an unreadable input fails before the model loads
+    app = _app(args)
+    try:
+        counts = asyncio.run(run(app, source, target, concurrency=2 * args.max_batch))
+    finally:
+        app.state.stop()
+    print(f"{counts['done']} answered, {counts['failed']} failed (an error line each), {counts['skipped']} already "
+          f"in {target}", file=sys.stderr)
     return 0
 
 

@@ -115,6 +115,8 @@ def _read(file: Path | io.BytesIO, policy: MediaPolicy, label: str | None = None
         raise
     except Image.DecompressionBombError as e:
         raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
+    except Image.UnidentifiedImageError:  # its message shows the file object's repr (a memory address)
+        raise InputError(f"cannot read image {label or file}: not an image format Pillow reads") from None
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read image {label or file}: {e}") from None
 

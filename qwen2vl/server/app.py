@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from ..inputs.fetch import MediaPolicy
 from .metrics import Metrics
 from .scheduler import EngineThread, Job
 from .schema import ChatCompletionRequest
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     runner = EngineThread(engine)
     app = FastAPI(title="qwen2vl", version="0.1.0", on_shutdown=[runner.stop])
     app.state.engine = engine
+    app.state.stop = runner.stop  # for users of the app outside a server (batch jobs): ends the engine's thread
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     @app.get("/metrics")
@@ -95,7 +100,9 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
             return error(400, str(e))
         job = Job(asyncio.get_running_loop())
         [(job.seq, _)] = model.submit(inputs, params, grammar, sink=job.send)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        given = request.headers.get("x-request-id", "")  # a caller's id (batch jobs: the same on every run)
+        rid = f"chatcmpl-{given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex}"
+        created = int(time.time())
         if not body.stream:  # (a stream's generator is closed when its client leaves: it cancels in `finally`)
             asyncio.get_running_loop().create_task(watch_disconnect(request, job))
         if body.stream:
