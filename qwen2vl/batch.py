@@ -109,69 +109,107 @@ def error_line(line: Line) -> dict:
             "error": {"code": code, "message": message, "line": line.number}}
 
 
-async def run(app, input_path: Path, output_path: Path, concurrency: int, progress: bool = True) -> dict[str, int]:
-    """Answer every line of INPUT not yet answered in OUTPUT, at most `concurrency` at once; returns counts (done,
-    failed, skipped)."""
+def app_client(app):
+    """An HTTP client of the app in this process (no socket); a crash in the app comes back as a 500."""
     import httpx
-    from tqdm.auto import tqdm
 
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://qwen2vl-batch", timeout=None)
+
+
+async def respond(client, line: Line, body: dict) -> dict:
+    """The output line for one request: the app's status and body, exactly as the server would answer."""
+    if body.get("stream"):
+        status, reply = 400, {"error": {"message": "stream is not supported in batch jobs",
+                                        "type": "invalid_request_error", "param": "stream", "code": None}}
+    else:
+        rid = request_id(line)  # the same on every run: a resumed job's file equals an uninterrupted one's
+        try:
+            r = await client.post(URL, json=body, headers={"X-Request-Id": rid})
+            status = r.status_code
+            try:
+                reply = r.json()
+            except ValueError:
+                reply = {"error": {"message": r.text, "type": "server_error", "param": None, "code": None}}
+        except Exception as e:  # noqa: BLE001 - a failing row never ends the job
+            status, reply = 500, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
+    rid = request_id(line)
+    return {"id": f"batch_req_{rid}", "custom_id": line.custom_id,
+            "response": {"status_code": status, "request_id": rid, "body": reply}, "error": None}
+
+
+def pending(input_path: Path, output_path: Path) -> tuple[dict[int, Line], int]:
+    """The lines of INPUT that OUTPUT does not answer yet (by line number), and how many it does."""
     lines = read_input(input_path)
     ids, numbers = read_done(output_path)
     todo = {ln.number: ln for ln in lines
             if ln.number not in numbers and (ln.error is not None or ln.custom_id not in ids)}
-    counts = {"done": 0, "failed": 0, "skipped": len(lines) - len(todo)}
-    bar = tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, disable=not progress)
-    tokens, t0 = 0, time.monotonic()
-    slots = asyncio.Semaphore(concurrency)
-    with open(output_path, "a", encoding="utf-8") as out:
+    return todo, len(lines) - len(todo)
 
-        def write(row: dict, ok: bool) -> None:
-            nonlocal tokens
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())  # a result once written survives a crash or a power loss
-            counts["done" if ok else "failed"] += 1
-            usage = ((row.get("response") or {}).get("body") or {}).get("usage") or {}
-            tokens += usage.get("completion_tokens", 0)
-            bar.set_postfix(done=counts["done"], failed=counts["failed"],
-                            remaining=len(todo) - counts["done"] - counts["failed"],
-                            tok_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.1f}")
-            bar.update(1)
+
+class Results:
+    """OUTPUT, appended to: each line written and fsynced as it comes (a result once written survives a crash or a
+    power loss), with a progress bar on stderr and the counts."""
+
+    def __init__(self, path: Path, total: int, skipped: int, progress: bool = True):
+        from tqdm.auto import tqdm
+
+        self.file = open(path, "a", encoding="utf-8")
+        self.total, self.tokens, self.t0 = total, 0, time.monotonic()
+        self.counts = {"done": 0, "failed": 0, "skipped": skipped}
+        self.bar = tqdm(total=total, desc="batch", unit="req", file=sys.stderr, disable=not progress)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        ok = row["error"] is None and row["response"]["status_code"] == 200
+        self.counts["done" if ok else "failed"] += 1
+        self.tokens += ((row.get("response") or {}).get("body") or {}).get("usage", {}).get("completion_tokens", 0)
+        c = self.counts
+        self.bar.set_postfix(done=c["done"], failed=c["failed"], remaining=self.total - c["done"] - c["failed"],
+                             tok_s=f"{self.tokens / max(time.monotonic() - self.t0, 1e-9):.1f}")
+        self.bar.update(1)
+
+    def __enter__(self) -> "Results":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.file.close()
+
+
+def requests(input_path: Path, todo: dict[int, Line], results: Results):
+    """(line, raw text) of each request to send; lines that are not requests get their error line here."""
+    for number, raw in input_lines(input_path):
+        line = todo.get(number)
+        if line is None:
+            continue
+        if line.error is not None:
+            results.write(error_line(line))
+        else:
+            yield line, raw
+
+
+async def run(app, input_path: Path, output_path: Path, concurrency: int, progress: bool = True) -> dict[str, int]:
+    """Answer every line of INPUT not yet answered in OUTPUT through `app`, at most `concurrency` at once; returns
+    counts (done, failed, skipped)."""
+    todo, skipped = pending(input_path, output_path)
+    slots = asyncio.Semaphore(concurrency)
+    with Results(output_path, len(todo), skipped, progress) as results:
 
         async def answer(client, line: Line, body: dict) -> None:
             try:
-                if body.get("stream"):
-                    status, reply = 400, {"error": {"message": "stream is not supported in batch jobs",
-                                                    "type": "invalid_request_error", "param": "stream",
-                                                    "code": None}}
-                else:
-                    r = await client.post(URL, json=body, headers={"X-Request-Id": request_id(line)})
-                    status = r.status_code
-                    try:
-                        reply = r.json()
-                    except ValueError:
-                        reply = {"error": {"message": r.text, "type": "server_error", "param": None, "code": None}}
+                results.write(await respond(client, line, body))
             finally:
                 slots.release()
-            rid = request_id(line)  # the same on every run: a resumed job's file equals an uninterrupted one's
-            write({"id": f"batch_req_{rid}", "custom_id": line.custom_id,
-                   "response": {"status_code": status, "request_id": rid, "body": reply}, "error": None},
-                  status == 200)
 
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash in the app is a 500 line
-        async with httpx.AsyncClient(transport=transport, base_url="http://qwen2vl-batch", timeout=None) as client:
+        async with app_client(app) as client:
             running = set()
-            for number, raw in input_lines(input_path):
-                line = todo.get(number)
-                if line is None:
-                    continue
-                if line.error is not None:
-                    write(error_line(line), False)
-                    continue
+            for line, raw in requests(input_path, todo, results):
                 await slots.acquire()  # at most `concurrency` bodies in memory and in flight
                 task = asyncio.create_task(answer(client, line, json.loads(raw)["body"]))
                 running.add(task)
                 task.add_done_callback(running.discard)
             await asyncio.gather(*running)
-    bar.close()
-    return counts
+    return results.counts

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model id clients use (default: --model)")
     _server_args(serve)
+    _ray_args(serve)
 
     batch = sub.add_parser("batch", help="answer an OpenAI Batch JSONL file (resumable: run it again after a crash)")
     _model_args(batch)
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("output", help="OUTPUT.jsonl: results are appended; lines already answered are skipped")
     batch.add_argument("--served-model-name", help="the model id in the answers (default: --model)")
     _server_args(batch)
+    _ray_args(batch)
 
     b = sub.add_parser("bench", help="qwen2vl and its peers side by side on random 2B checkpoints")
     b.add_argument("--assets", default=os.environ.get("QWEN2VL_ASSETS", "../shared/assets"),
@@ -132,6 +134,14 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                    help="the prefix cache's budget: keys and values of earlier prompts, reused (LRU)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled between decode steps while others are decoding")
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on a Ray cluster (its address, e.g. 10.0.0.1:6379; none: start a local Ray instance)")
+    p.add_argument("--replicas", type=int, help="with --ray: model copies (default: serve 1; batch one per "
+                                                 "--replica-cpus CPUs of the cluster)")
+    p.add_argument("--replica-cpus", type=int, default=1, help="with --ray: CPUs each model copy takes")
 
 
 def _media_args(p: argparse.ArgumentParser) -> None:
@@ -322,7 +332,7 @@ def cmd_chat(args) -> int:
         images, videos = [], []
 
 
-def _app(args):
+def _app(args, replica: str | None = None):
     """The server's app for `serve` and `batch`, with the flags' media policy, limits and engine budget."""
     from .inputs.fetch import MediaPolicy
     from .server.app import Limits, create_app
@@ -337,10 +347,16 @@ def _app(args):
         max_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels,
                     max_video_frames=args.max_video_frames, max_tokens=args.max_tokens, max_batch=args.max_batch)
-    return create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits)
+    return create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits,
+                      replica=replica)
 
 
 def cmd_serve(args) -> int:
+    if args.ray is not None:
+        from . import on_ray
+
+        on_ray.serve(vars(args), args.ray or None, args.replicas or 1, args.replica_cpus, args.host, args.port)
+        return 0
     import uvicorn
 
     uvicorn.run(_app(args), host=args.host, port=args.port)
@@ -354,11 +370,20 @@ def cmd_batch(args) -> int:
 
     source, target = Path(args.input), Path(args.output)
     read_input(source)  # an unreadable input fails before the model loads
+    if args.ray is not None:
+        from . import on_ray
+
+        counts = on_ray.batch(vars(args), source, target, args.ray or None, args.replicas, args.replica_cpus)
+        return _batch_summary(counts, target)
     app = _app(args)
     try:
         counts = asyncio.run(run(app, source, target, concurrency=2 * args.max_batch))
     finally:
         app.state.stop()
+    return _batch_summary(counts, target)
+
+
+def _batch_summary(counts: dict[str, int], target: Path) -> int:
     print(f"{counts['done']} answered, {counts['failed']} failed (an error line each), {counts['skipped']} already "
           f"in {target}", file=sys.stderr)
     return 0

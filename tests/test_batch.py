@@ -60,10 +60,11 @@ def requests(assets) -> list[str]:
     return out
 
 
-def batch(checkpoint, assets, source, target, **popen):
+def batch(checkpoint, assets, source, target, ray=None, **popen):
     cmd = [sys.executable, "-m", "qwen2vl.cli", "batch", "--model", str(checkpoint), str(source), str(target),
            "--served-model-name", "tiny", "--max-batch", "2", "--allowed-local-media-path", str(assets / "videos")]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(cmd + (["--ray", ray] if ray else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
 
 
 def rows(path) -> list[dict]:

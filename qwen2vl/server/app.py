@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -49,8 +51,10 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
                                                                "code": None}})
 
 
-def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, limits: Limits | None = None) -> FastAPI:
-    """`model` is a loaded qwen2vl.Qwen2VL. The app runs one thread that steps the model's engine."""
+def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, limits: Limits | None = None,
+               replica: str | None = None) -> FastAPI:
+    """`model` is a loaded qwen2vl.Qwen2VL. The app runs one thread that steps the model's engine. Every response
+    names the process that answered (`replica`: default host and pid) in an X-Qwen2VL-Replica header."""
     policy = policy or MediaPolicy.deny_all_but_data()
     limits = limits or Limits()
     processor = copy.copy(model.processor)  # this app's media policy, not the model's
@@ -64,6 +68,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     app.state.engine = engine
     app.state.stop = runner.stop  # for users of the app outside a server (batch jobs): ends the engine's thread
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(ReplicaHeader, name=replica or f"{socket.gethostname()}-{os.getpid()}")
 
     @app.get("/metrics")
     async def prometheus():
@@ -250,6 +255,24 @@ def logprobs_block(deltas: list[TextDelta], tokenizer) -> dict:
 
     return {"content": [{**entry(d.token, d.logprob),
                          "top_logprobs": [entry(t, lp) for t, lp in (d.top_logprobs or [])]} for d in deltas]}
+
+
+class ReplicaHeader:
+    """Adds X-Qwen2VL-Replica: which copy of the server answered (several run behind Ray Serve's proxy)."""
+
+    def __init__(self, app, name: str):
+        self.app, self.header = app, (b"x-qwen2vl-replica", name.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 class BodyTooLarge(Exception):
