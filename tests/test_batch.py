@@ -67,6 +67,19 @@ def batch(checkpoint, assets, source, target, ray=None, **popen):
                             text=True, **popen)
 
 
+def kill_after(job: subprocess.Popen, target, lines: int) -> list[dict]:
+    """SIGKILL the job (its whole process group) once it has written `lines` result lines; the lines it wrote."""
+    deadline = time.monotonic() + 600
+    while (not target.exists() or len(target.read_text().splitlines()) < lines) and time.monotonic() < deadline:
+        assert job.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    written = rows(target)
+    assert lines <= len(written) < 20
+    return written
+
+
 def rows(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -128,15 +141,7 @@ def test_a_killed_job_resumes_to_the_same_file(uninterrupted, checkpoint, assets
     once, and the file an uninterrupted run writes (line order aside)."""
     d, _ = uninterrupted
     source, target = d / "in.jsonl", tmp_path / "out.jsonl"
-    p = batch(checkpoint, assets, source, target, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while (not target.exists() or len(target.read_text().splitlines()) < 8) and time.monotonic() < deadline:
-        assert p.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    written = rows(target)
-    assert 8 <= len(written) < 20
+    written = kill_after(batch(checkpoint, assets, source, target, start_new_session=True), target, 8)
     with open(target, "a") as f:
         f.write('{"id": "batch_req_torn", "custom_id": "req-1')  # a write cut short
     p = batch(checkpoint, assets, source, target)

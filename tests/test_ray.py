@@ -3,7 +3,6 @@
 killed and resumed, and `qwen2vl serve --ray --replicas 2` answers the openai client from both replicas."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_batch import batch, checkpoint, comparable, rows, uninterrupted  # noqa: F401 - shared fixtures
+from tests.test_batch import batch, checkpoint, comparable, kill_after, rows, uninterrupted  # noqa: F401 - fixtures
 
 pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'qwen2vl[ray]'); .ci/run installs it")
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -59,15 +58,8 @@ def test_batch_on_ray_equals_the_local_job(cluster, uninterrupted, checkpoint, a
 def test_batch_on_ray_resumes_after_a_kill(cluster, uninterrupted, checkpoint, assets, tmp_path):  # noqa: F811
     d, _ = uninterrupted
     target = tmp_path / "out.jsonl"
-    p = batch(checkpoint, assets, d / "in.jsonl", target, ray=cluster, env=ENV, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while (not target.exists() or len(target.read_text().splitlines()) < 5) and time.monotonic() < deadline:
-        assert p.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    written = rows(target)
-    assert 5 <= len(written) < 20
+    written = kill_after(batch(checkpoint, assets, d / "in.jsonl", target, ray=cluster, env=ENV,
+                               start_new_session=True), target, 5)
     p = batch(checkpoint, assets, d / "in.jsonl", target, ray=cluster, env=ENV)
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err
