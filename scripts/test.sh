@@ -3,12 +3,13 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k parity`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The kernel build tests use clang, an ARM64 cross-compiler and qemu-user; installed here where apt-get can (root).
-tools=(clang aarch64-linux-gnu-gcc qemu-aarch64)
+# The kernel build tests use clang, an ARM64 cross-compiler and qemu-user, and the chat page's tests Debian's
+# chromium (driven by Playwright); installed here where apt-get can (root).
+tools=(clang aarch64-linux-gnu-gcc qemu-aarch64 chromium)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v "${tools[@]}" >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libomp-dev \
-      gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; } >/dev/null 2>&1 \
-    || echo "scripts/test.sh: could not install clang / gcc-aarch64-linux-gnu / qemu-user; their tests will skip" >&2
+      gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user chromium; } >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install clang / gcc-aarch64-linux-gnu / qemu-user / chromium; their tests will skip" >&2
 fi
 venv="${QWEN2VL_VENV:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

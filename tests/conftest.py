@@ -29,3 +29,14 @@ def native(request):
         pytest.skip("the native kernels need a C compiler (and QWEN2VL_NATIVE not 0)")
     assert k.isa == request.param
     return k
+
+
+@pytest.fixture(scope="module")
+def model(assets, tmp_path_factory):
+    """The server tests' model: a tiny random-weight checkpoint with the real vocabulary, template and configs."""
+    from qwen2vl import Qwen2VL
+    from tests.oracle import tiny_checkpoint
+
+    _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("model"), seed=21,
+                                 real_vocab_from=assets / "qwen2-vl-2b-instruct")
+    return Qwen2VL.from_pretrained(path, progress=False)

@@ -12,8 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen2vl import Qwen2VL
-from tests.oracle import tiny_checkpoint
 from tests.test_server import make_server
 
 SCHEMA = {  # bounded: at most 12 + 3 x 8 characters of strings, two digits, one of three words
@@ -24,13 +22,6 @@ SCHEMA = {  # bounded: at most 12 + 3 x 8 characters of strings, two digits, one
                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
     "required": ["name", "age", "kind", "tags"], "additionalProperties": False}
 JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
-
-
-@pytest.fixture(scope="module")
-def model(assets, tmp_path_factory):
-    _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("engine-model"), seed=21,
-                                 real_vocab_from=assets / "qwen2-vl-2b-instruct")
-    return Qwen2VL.from_pretrained(path, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,9 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from qwen2vl import MediaPolicy, Qwen2VL
-from tests.oracle import tiny_checkpoint
+from qwen2vl import MediaPolicy
 
 CAP = 1280 * 28 * 28  # the server's default max_pixels per image
-
-
-@pytest.fixture(scope="module")
-def model(assets, tmp_path_factory):
-    _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("server-model"), seed=21,
-                                 real_vocab_from=assets / "qwen2-vl-2b-instruct")
-    return Qwen2VL.from_pretrained(path, progress=False)
 
 
 class Server:

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible server: POST /v1/chat/completions (streaming with SSE), GET /v1/models, GET /health.
+"""An OpenAI-compatible server: POST /v1/chat/completions (streaming with SSE), GET /v1/models, GET /health,
+GET /metrics, and a chat page at / (static files, a client of /v1/chat/completions).
 
 Safe by default: media may only come inline (data URIs) unless the operator allows remote URLs (public addresses
 only, checked on every redirect) or a local directory. Requests are capped in size, images, pixels, video frames
@@ -16,11 +17,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError, Qwen2VLError
@@ -33,6 +36,7 @@ from .schema import ChatCompletionRequest
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+STATIC = Path(__file__).with_name("static")  # the chat page: HTML, CSS, JS and its two vendored libraries
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,12 @@ class Limits:
     max_video_frames: int = 64
     max_tokens: int = 4096  # new tokens per request
     max_batch: int = 16
+
+
+def page_config(values: dict) -> str:
+    """The page's settings as a JSON script element (the server's limits, shown and checked before sending)."""
+    data = json.dumps(values).replace("</", "<\\/")  # never closes the script element
+    return f'<script id="config" type="application/json">{data}</script>'
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -69,6 +79,15 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     app.state.stop = runner.stop  # for users of the app outside a server (batch jobs): ends the engine's thread
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(ReplicaHeader, name=replica or f"{socket.gethostname()}-{os.getpid()}")
+
+    page = (STATIC / "index.html").read_text().replace("<!--CONFIG-->", page_config({
+        "model": model_name, "max_images": limits.max_images, "max_videos": limits.max_videos,
+        "max_body_bytes": limits.max_body_bytes, "max_pixels": limits.max_pixels}))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return page
 
     @app.get("/metrics")
     async def prometheus():
