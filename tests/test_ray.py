@@ -3,6 +3,7 @@
 killed and resumed, and `qwen2vl serve --ray --replicas 2` answers the openai client from both replicas."""
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from tests.test_batch import batch, checkpoint, comparable, kill_after, rows, un
 
 pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'qwen2vl[ray]'); .ci/run installs it")
 RAY = str(Path(sys.executable).with_name("ray"))
-ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+# Ray 2.59+ authenticates with a token on local clusters: one given to every process here, so that nodes and drivers
+# agree whatever ~/.ray/auth_token holds from other runs.
+ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
 
 def free_port() -> int:
@@ -31,10 +34,12 @@ def cluster():
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common], env=ENV,
-                   check=True, capture_output=True)
+    start = lambda *args: subprocess.run([RAY, "start", *args, *common], env=ENV, capture_output=True, text=True)
+    head = start("--head", f"--port={port}", "--include-dashboard=false")
+    assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
     try:
-        subprocess.run([RAY, "start", f"--address={address}", *common], env=ENV, check=True, capture_output=True)
+        worker = start(f"--address={address}")
+        assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
         deadline = time.monotonic() + 120
         while True:  # the second node registers shortly after its `ray start` returns
             status = subprocess.run([RAY, "status", f"--address={address}"], env=ENV, capture_output=True, text=True)
