@@ -230,8 +230,7 @@ class Engine:
             return work()
         except Exception as e:  # noqa: BLE001 - reported to each caller; the engine goes on
             for s in seqs:
-                s.finish_reason = "error"
-                s.sink(e)
+                self._fail(s, e)
             if self.prefilling is not None and self.prefilling.seq in seqs:
                 self.prefilling = None
             if any(s in self.rows for s in seqs):
@@ -344,7 +343,7 @@ class Engine:
     def _leave_cache(self, seq: Sequence, kv: KVCache, row: int, start: int = 0) -> None:
         """A finished sequence's prompt and answer (all but the last token, which has no keys yet) to the prefix
         cache, for the next turn of its conversation."""
-        if self.prefix_cache is None or not seq.tokens:
+        if self.prefix_cache is None or not seq.tokens or seq.finish_reason == "error":
             return
         ids = seq.ids + seq.tokens[:-1]
         n = kv.length - start
@@ -365,29 +364,48 @@ class Engine:
             chosen, values, ids = (t.tolist() for t in logprobs(raw, tokens, want))
         finished, now = [], time.perf_counter()
         for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
-            s.tokens.append(token)
-            if s.matcher is not None:
-                s.matcher.accept(token)
-            text = s.stream.add(token) if s.stream else ""
-            p, reason = s.params, None
-            if token in p.stop_token_ids and len(s.tokens) > p.min_new_tokens:
-                reason = "stop"
-            elif (s.stream and s.stream.stopped) or (s.matcher is not None and s.matcher.done):
-                reason = "stop"
-            elif len(s.tokens) >= p.max_new_tokens:
-                reason = "length"
-            if reason:
-                s.finish_reason = reason
-                text += s.stream.finish() if s.stream else ""
+            try:
+                delta = self._emit(s, token, now, None if chosen is None else chosen[i],
+                                   None if ids is None else list(zip(ids[i][:s.params.top_logprobs], values[i])))
+            except Exception as e:  # noqa: BLE001 - one sequence's failure (its grammar, its text, its sink)
+                self._fail(s, e)  # is its own: it leaves, the others go on
                 finished.append(i)
-            if s.last_token_at is None:
-                self.observer.first_token(now - s.submitted)
-            else:
-                self.observer.next_token(now - s.last_token_at)
-            s.last_token_at = now
-            s.sink(TextDelta(s.row, text, token, reason, None if chosen is None else chosen[i],
-                             None if ids is None else list(zip(ids[i][:p.top_logprobs], values[i]))))
+                continue
+            if delta.finish_reason:
+                finished.append(i)
         return tokens, finished
+
+    def _emit(self, s: Sequence, token: int, now: float, logprob: float | None, top: list | None) -> TextDelta:
+        """One sequence's new token: its grammar and text advance, its stop rules apply, its caller gets the delta."""
+        s.tokens.append(token)
+        if s.matcher is not None:
+            s.matcher.accept(token)
+        text = s.stream.add(token) if s.stream else ""
+        p, reason = s.params, None
+        if token in p.stop_token_ids and len(s.tokens) > p.min_new_tokens:
+            reason = "stop"
+        elif (s.stream and s.stream.stopped) or (s.matcher is not None and s.matcher.done):
+            reason = "stop"
+        elif len(s.tokens) >= p.max_new_tokens:
+            reason = "length"
+        if reason:
+            text += s.stream.finish() if s.stream else ""
+        if s.last_token_at is None:
+            self.observer.first_token(now - s.submitted)
+        else:
+            self.observer.next_token(now - s.last_token_at)
+        s.last_token_at = now
+        delta = TextDelta(s.row, text, token, reason, logprob, top)
+        s.finish_reason = reason
+        s.sink(delta)
+        return delta
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.finish_reason = "error"
+        try:
+            seq.sink(error)
+        except Exception:  # noqa: BLE001 - a caller that cannot even take its error is gone
+            pass
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -358,3 +358,36 @@ def test_metrics_in_prometheus_format(server, assets):
     assert value("qwen2vl_time_per_output_token_seconds", "_count") >= 6
     assert 0 < value("qwen2vl_prefix_cache_hit_rate") < 1
     assert value("qwen2vl_kv_cache_bytes") > 0 and value("qwen2vl_generation_tokens_per_second") >= 0
+
+
+def test_a_failing_sequence_fails_alone(model, server, monkeypatch):
+    """A request whose generation raises (here its text stream, on its third token) gets a 500 with an OpenAI error
+    body; the requests decoding beside it finish with the answers they give alone."""
+    import qwen2vl.generate
+
+    class Failing(qwen2vl.generate.TextStream):
+        def add(self, token):
+            if "FAIL-HERE" in self.stop and len(self.ids) == 2:
+                raise RuntimeError("injected failure")
+            return super().add(token)
+
+    client = server.client()
+    ask = lambda i, **kw: client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=24, temperature=0,
+        extra_body={"min_tokens": 24}, **kw).choices[0].message.content
+    alone = [ask(i) for i in range(3)]
+    monkeypatch.setattr(qwen2vl.generate, "TextStream", Failing)
+    failed = {}
+
+    def run(i):
+        if i < 3:
+            return ask(i)
+        status, body = server.post(json.dumps({"messages": [{"role": "user", "content": "Story 9"}],
+                                               "max_tokens": 24, "stop": ["FAIL-HERE"]}).encode())
+        failed.update(status=status, body=body)
+
+    together = concurrently(run, 4)
+    assert together[:3] == alone
+    assert failed["status"] == 500 and "injected failure" in failed["body"]["error"]["message"]
+    assert failed["body"]["error"]["type"] == "server_error"
+    assert not server.server.config.app.state.engine.rows
