@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model id clients use (default: --model)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30,
+                       help="on SIGTERM: seconds for answers in flight to finish (then they end, cancelled)")
     _server_args(serve)
     _ray_args(serve)
 
@@ -357,9 +359,9 @@ def cmd_serve(args) -> int:
 
         on_ray.serve(vars(args), args.ray or None, args.replicas or 1, args.replica_cpus, args.host, args.port)
         return 0
-    import uvicorn
+    from .server.run import run
 
-    uvicorn.run(_app(args), host=args.host, port=args.port)
+    run(_app(args), args.host, args.port, args.shutdown_timeout)
     return 0
 
 

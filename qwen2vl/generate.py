@@ -190,6 +190,13 @@ class Engine:
             self.work.notify_all()
         return seq
 
+    def cancel_all(self) -> None:
+        """Cancel every sequence, waiting or running (a server shutting down): each ends at the next step."""
+        with self.lock:
+            for seq in [*self.waiting, *self.rows, *([self.prefilling.seq] if self.prefilling else [])]:
+                seq.cancel()
+            self.work.notify_all()
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.rows)

@@ -32,11 +32,17 @@ def native(request):
 
 
 @pytest.fixture(scope="module")
-def model(assets, tmp_path_factory):
-    """The server tests' model: a tiny random-weight checkpoint with the real vocabulary, template and configs."""
-    from qwen2vl import Qwen2VL
+def checkpoint(assets, tmp_path_factory):
+    """A tiny random-weight checkpoint with the real vocabulary, template and configs (the server tests')."""
     from tests.oracle import tiny_checkpoint
 
     _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("model"), seed=21,
                                  real_vocab_from=assets / "qwen2-vl-2b-instruct")
-    return Qwen2VL.from_pretrained(path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    from qwen2vl import Qwen2VL
+
+    return Qwen2VL.from_pretrained(checkpoint, progress=False)

@@ -15,17 +15,9 @@ import pytest
 from PIL import Image
 
 from qwen2vl import MediaPolicy, Qwen2VL
-from tests.oracle import tiny_checkpoint
 from tests.test_server import make_server
 
 URL = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(assets, tmp_path_factory):
-    _, path, _ = tiny_checkpoint("gqa2-tied", tmp_path_factory.mktemp("batch-model"), seed=21,
-                                 real_vocab_from=assets / "qwen2-vl-2b-instruct")
-    return path
 
 
 def data_uri(assets, name: str, size: int) -> str:

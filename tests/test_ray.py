@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_batch import batch, checkpoint, comparable, kill_after, rows, uninterrupted  # noqa: F401 - fixtures
+from tests.test_batch import batch, comparable, kill_after, rows, uninterrupted  # noqa: F401 - a fixture
 
 pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'qwen2vl[ray]'); .ci/run installs it")
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -52,7 +52,7 @@ def cluster():
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
 
 
-def test_batch_on_ray_equals_the_local_job(cluster, uninterrupted, checkpoint, assets, tmp_path):  # noqa: F811
+def test_batch_on_ray_equals_the_local_job(cluster, uninterrupted, checkpoint, assets, tmp_path):
     d, _ = uninterrupted
     p = batch(checkpoint, assets, d / "in.jsonl", tmp_path / "out.jsonl", ray=cluster, env=ENV)
     _, err = p.communicate(timeout=900)
@@ -60,7 +60,7 @@ def test_batch_on_ray_equals_the_local_job(cluster, uninterrupted, checkpoint, a
     assert sorted(map(comparable, rows(tmp_path / "out.jsonl"))) == sorted(map(comparable, rows(d / "out.jsonl")))
 
 
-def test_batch_on_ray_resumes_after_a_kill(cluster, uninterrupted, checkpoint, assets, tmp_path):  # noqa: F811
+def test_batch_on_ray_resumes_after_a_kill(cluster, uninterrupted, checkpoint, assets, tmp_path):
     d, _ = uninterrupted
     target = tmp_path / "out.jsonl"
     written = kill_after(batch(checkpoint, assets, d / "in.jsonl", target, ray=cluster, env=ENV,
@@ -73,7 +73,7 @@ def test_batch_on_ray_resumes_after_a_kill(cluster, uninterrupted, checkpoint, a
     assert sorted(map(comparable, final)) == sorted(map(comparable, rows(d / "out.jsonl")))
 
 
-def test_serve_on_ray_answers_from_both_replicas(cluster, checkpoint, tmp_path):  # noqa: F811
+def test_serve_on_ray_answers_from_both_replicas(cluster, checkpoint, tmp_path):
     from openai import OpenAI
 
     port = free_port()
