@@ -133,3 +133,48 @@ def main(args) -> int:
         with open(args.append, "a") as f:
             f.write("\n" + "\n".join(lines) + "\n")
     return 0
+
+
+def load(client, image: str, clients: int = 32, each: int = 2, max_tokens: int = 16) -> list[dict]:
+    """A bounded load: `clients` threads at once, each sending `each` requests that alternate streaming and not,
+    image and text (greedy). Per request: its kind, text, finish reason, seconds, completion tokens, and the error
+    if it failed."""
+    def one(i: int) -> dict:
+        stream, with_image = i % 2 == 0, (i // 2) % 2 == 0
+        content = [{"type": "image_url", "image_url": {"url": image}}] if with_image else []
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": f"Question {i % 8}"}]}]
+        out = {"i": i, "stream": stream, "image": with_image, "prompt": i % 8}
+        t0 = time.perf_counter()
+        try:
+            if stream:
+                chunks = list(client.chat.completions.create(
+                    model="bench", messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True}))
+                out["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                out["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                out["tokens"] = chunks[-1].usage.completion_tokens
+            else:
+                r = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                   temperature=0)
+                out.update(text=r.choices[0].message.content, finish=[r.choices[0].finish_reason],
+                           tokens=r.usage.completion_tokens)
+        except Exception as e:  # noqa: BLE001 - counted, not raised: the load goes on
+            out["error"] = repr(e)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def worker(c: int) -> None:
+        for k in range(each):
+            r = one(c * each + k)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -27,3 +27,12 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     except (OSError, AttributeError):
         _done = False
     return _done
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux: /proc/self/status VmRSS; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0

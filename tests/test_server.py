@@ -381,3 +381,32 @@ def test_sigterm_drains_and_exits(checkpoint, tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_a_bounded_load_of_32_clients(model, assets):
+    """32 concurrent clients, 64 requests mixing streaming and not, image and text: no errors, every answer equal
+    to its prompt's answer whichever way it came (no lost or duplicated stream chunks), and memory growth bounded.
+    Latency is printed (BENCHMARKS.md has it from `qwen2vl bench --serving`), not asserted."""
+    from qwen2vl.bench_serving import image_uri, load
+    from qwen2vl.memory import rss_bytes
+
+    s = make_server(model)
+    try:
+        image = image_uri(assets / "images" / "cat.png", 112, 1)
+        client = s.client()
+        load(client, image, clients=2, each=2)  # warm
+        before = rss_bytes()
+        results = load(client, image, clients=32, each=2)
+        after = rss_bytes()
+    finally:
+        s.close()
+    assert len(results) == 64 and not [r for r in results if "error" in r]
+    answers = {}
+    for r in results:
+        answers.setdefault((r["image"], r["prompt"]), set()).add(r["text"])
+        assert len(r["finish"]) == 1 and r["text"]  # one final event per answer
+    assert all(len(texts) == 1 for texts in answers.values()), answers  # the same prompt, the same answer
+    assert after - before < 300 * 2**20, (before, after)
+    seconds = sorted(r["seconds"] for r in results)
+    print(f"32 clients, 64 requests: p50 {seconds[31]:.2f} s, p99 {seconds[-1]:.2f} s, "
+          f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
