@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 _SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p")
+LOGIT_MAX = 1e30  # finite even after the smallest temperature (1e-5)
 
 
 @dataclass
@@ -139,6 +140,8 @@ class Sampler:
             penalized = torch.where(x > 0, x / self.repetition, x * self.repetition)
             x = torch.where(self.seen, penalized, x)
             x = x - self.presence * (self.counts > 0) - self.frequency * self.counts
+            # extreme penalties overflow (x / 1e-30 = inf, 0 * inf = nan): keep every logit orderable
+            x = torch.nan_to_num(x, nan=float("-inf"), posinf=LOGIT_MAX, neginf=float("-inf"))
         for b, p in enumerate(self.params):
             if p.stop_token_ids and self.steps[b] < p.min_new_tokens:
                 x[b, [t for t in p.stop_token_ids if t < x.shape[1]]] = float("-inf")
@@ -155,7 +158,8 @@ class Sampler:
         for b in torch.nonzero(~self.greedy).flatten().tolist():
             if probs is None:
                 probs = torch.softmax(x, -1)
-            tokens[b] = torch.multinomial(probs[b], 1, generator=self.generators[b])[0]
+            if bool(torch.isfinite(probs[b]).all()):  # a row with no finite logit left keeps its argmax
+                tokens[b] = torch.multinomial(probs[b], 1, generator=self.generators[b])[0]
         self.record(tokens)
         return tokens
 

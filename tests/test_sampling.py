@@ -147,3 +147,16 @@ def test_held_back_text_is_released_when_it_is_not_a_stop(tokenizer):
     ids = tokenizer.encode("a </ans") + tokenizer.encode("wer but not the end")
     deltas, s = run(tokenizer, ids, stop=["</answer>"])
     assert not s.stopped and "".join(deltas) == "a </answer but not the end"
+
+
+@pytest.mark.parametrize("penalty", [1e-30, 1e-300, 1e30, float("inf")])
+def test_extreme_repetition_penalties_still_sample(penalty):
+    """Found by the API fuzzer: a repetition penalty of 1e-300 turned seen logits into inf and the softmax into NaN
+    (a 500 from the server). Every row still gets a token from its own vocabulary."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 3] = 0.0  # 0 * inf = nan under an infinite penalty
+    params = [SamplingParams(temperature=0.7, seed=1, repetition_penalty=penalty),
+              SamplingParams(temperature=0, repetition_penalty=penalty)]
+    sampler = Sampler(params, [[1, 2, 3, 4], [3, 5]], 50)
+    tokens = sampler(logits)
+    assert tokens.shape == (2,) and all(0 <= t < 50 for t in tokens.tolist())
