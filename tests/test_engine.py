@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_server import make_server
+from tests.test_server import make_server, wait_until
 
 SCHEMA = {  # bounded: at most 12 + 3 x 8 characters of strings, two digits, one of three words
     "type": "object",
@@ -348,10 +348,16 @@ def test_metrics_in_prometheus_format(server, assets):
                                        temperature=0)
     import urllib.request
 
-    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    def scrape() -> dict:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+    families = scrape()
     value = lambda name, suffix="": next(s.value for s in families[name].samples if s.name == name + suffix)
+    engine = server.server.config.app.state.engine
+    wait_until(lambda: not engine.busy)  # a client has its answer a moment before its row leaves the batch
+    families = scrape()
     assert value("qwen2vl_requests_running") == 0 and value("qwen2vl_requests_waiting") == 0
     assert value("qwen2vl_generation_tokens", "_total") >= 8
     assert value("qwen2vl_time_to_first_token_seconds", "_count") >= 2
