@@ -10,6 +10,7 @@ import bisect
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,10 @@ def frame_range(opts: dict[str, Any], total_frames: int, video_fps: float) -> tu
     return first, last
 
 
+# DivX's marker for P and B frames packed into one chunk: user data "DivX503b1393p" (FFmpeg's mpeg4 decoder reads it).
+PACKED_DIVX = re.compile(rb"DivX\d+(?:Build|b)\d+p")
+
+
 def sample_indices(first: int, last: int, n: int) -> list[int]:
     return torch.linspace(first, last, n).round().long().tolist()  # half-to-even, as the reference
 
@@ -101,22 +106,32 @@ class VideoReader:
             self.container.close()
             raise InputError("file has no video stream")
         self.stream = self.container.streams.video[0]
-        # Frame i is the i-th smallest presentation timestamp among the stream's packets (decord's indexing).
-        self.pts, self.keyframes = [], []
+        # torchcodec's scan (qwen-vl-utils' first-choice reader): every packet is a frame, timed by its pts (its dts
+        # when it has none); frame i is the i-th smallest; fps is the frame count over the span from the first
+        # packet's time to the end of the last one. PyAV's demux ends with an empty flush packet, which is skipped.
+        self.pts, self.keyframes, end = [], [], None
+        self.packed = PACKED_DIVX.search(self.stream.codec_context.extradata or b"") is not None
         try:
             for packet in self.container.demux(self.stream):
-                if packet.pts is None or packet.size == 0:
+                t = packet.pts if packet.pts is not None else packet.dts
+                if t is None:
                     continue
-                self.pts.append(packet.pts)
+                if not self.pts and self.stream.codec_context.name == "mpeg4":
+                    self.packed |= PACKED_DIVX.search(bytes(packet)) is not None
+                self.pts.append(t)
+                end = max(end if end is not None else t, t + (packet.duration or 0))
                 if packet.is_keyframe:
-                    self.keyframes.append(packet.pts)
+                    self.keyframes.append(t)
         except av.error.FFmpegError as e:
             raise InputError(f"cannot read video packets: {e}") from None
         self.pts.sort()
-        self.keyframes.sort()
-        rate = self.stream.average_rate or self.stream.guessed_rate
-        if not self.pts or not rate:
+        self.keyframes = sorted({bisect.bisect_left(self.pts, t) for t in self.keyframes})  # as frame indices
+        if not self.pts:
             raise InputError("video has no frames")
+        span = float((end - self.pts[0]) * self.stream.time_base) if self.stream.time_base else 0.0
+        rate = len(self.pts) / span if span > 0 else self.stream.average_rate or self.stream.guessed_rate
+        if not rate:
+            raise InputError("video has no frame rate")
         ctx = self.stream.codec_context
         self.info = VideoInfo(len(self.pts), float(rate), ctx.width, ctx.height)
 
@@ -125,44 +140,89 @@ class VideoReader:
 
     def frames(self, indices: list[int], progress: Callable[[int], None] | None = None) -> np.ndarray:
         """RGB frames (len(indices), H, W, 3) uint8. Each wanted frame is copied into one preallocated array as it
-        is decoded; no other decoded frame is kept."""
+        is decoded; no other decoded frame is kept.
+
+        Wanted frames are reached by seeking to the keyframe before them and matched by timestamp. Packed-bitstream
+        AVIs, whose frames a seek cannot reach and whose decoder labels them out of order, are decoded once from the
+        start instead, frame i being the i-th frame out of the decoder; so is any stream found labelled out of order.
+        """
         import av
 
         wanted = sorted(set(indices))
         slot = {index: i for i, index in enumerate(wanted)}
-        out: np.ndarray | None = None
-        k = 0
+        out = Frames(len(wanted), progress)
         try:
-            while k < len(wanted):
-                self.container.seek(self._keyframe_before(self.pts[wanted[k]]), stream=self.stream, backward=True)
-                for frame in self.container.decode(self.stream):
-                    if frame.pts is None or frame.pts < self.pts[wanted[k]]:
-                        continue
-                    # The first frame at or after the wanted timestamp (equal for well-formed streams).
-                    rgb = frame.to_ndarray(format="rgb24")
-                    if out is None:
-                        out = np.empty((len(wanted), *rgb.shape), dtype=np.uint8)
-                    out[slot[wanted[k]]] = rgb
-                    k += 1
-                    if progress:
-                        progress(1)
-                    if k == len(wanted):
-                        break
-                    # Seek again when the next wanted frame lies past a keyframe we have not reached yet.
-                    if self._keyframe_before(self.pts[wanted[k]]) > frame.pts:
-                        break
-                else:
-                    break  # end of stream
+            if self.packed or not self._seek_and_match(wanted, slot, out):
+                out.restart()
+                self._count_from_start(wanted, slot, out)
         except av.error.FFmpegError as e:
             raise InputError(f"cannot decode video: {e}") from None
-        if k < len(wanted):
-            raise InputError(f"video ended after decoding {k} of {len(wanted)} sampled frames "
+        if out.count < len(wanted):
+            raise InputError(f"video ended after decoding {out.count} of {len(wanted)} sampled frames "
                              "(truncated or corrupt file)")
-        return out if wanted == list(indices) else out[[slot[i] for i in indices]]
+        return out.array if wanted == list(indices) else out.array[[slot[i] for i in indices]]
 
-    def _keyframe_before(self, pts: int) -> int:
-        i = bisect.bisect_right(self.keyframes, pts) - 1
-        return self.keyframes[max(i, 0)] if self.keyframes else self.pts[0]
+    def _seek_and_match(self, wanted: list[int], slot: dict[int, int], out: Frames) -> bool:
+        """False as soon as the decoder's timestamps go backwards."""
+        k = 0
+        while k < len(wanted):
+            self.container.seek(self.pts[self._keyframe_before(wanted[k])], stream=self.stream, backward=True)
+            last = None
+            for frame in self.container.decode(self.stream):
+                if frame.pts is None:
+                    continue
+                if last is not None and frame.pts <= last:
+                    return False
+                last = frame.pts
+                if frame.pts < self.pts[wanted[k]]:
+                    continue
+                out.put(slot[wanted[k]], frame)  # the first frame at or after the wanted timestamp
+                k += 1
+                if k == len(wanted):
+                    return True
+                if self._keyframe_before(wanted[k]) > self._index(frame.pts):
+                    break  # the next wanted frame is reached sooner by seeking
+            else:
+                return True  # end of stream
+        return True
+
+    def _count_from_start(self, wanted: list[int], slot: dict[int, int], out: Frames) -> None:
+        self.container.seek(self.pts[0], stream=self.stream, backward=True)
+        k = 0
+        for i, frame in enumerate(self.container.decode(self.stream)):
+            if i == wanted[k]:
+                out.put(slot[i], frame)
+                k += 1
+                if k == len(wanted):
+                    return
+
+    def _keyframe_before(self, index: int) -> int:
+        """The index of the last keyframe at or before frame `index` (frame 0 when there is none)."""
+        i = bisect.bisect_right(self.keyframes, index) - 1
+        return self.keyframes[i] if i >= 0 else 0
+
+    def _index(self, pts: int) -> int:
+        return bisect.bisect_right(self.pts, pts) - 1
+
+
+class Frames:
+    """The wanted frames, preallocated at the first one; progress reports each frame once, across a restart."""
+
+    def __init__(self, n: int, progress: Callable[[int], None] | None):
+        self.n, self.progress, self.array, self.count, self.reported = n, progress, None, 0, 0
+
+    def put(self, i: int, frame) -> None:
+        rgb = frame.to_ndarray(format="rgb24")
+        if self.array is None:
+            self.array = np.empty((self.n, *rgb.shape), dtype=np.uint8)
+        self.array[i] = rgb
+        self.count += 1
+        if self.progress and self.count > self.reported:
+            self.reported = self.count
+            self.progress(1)
+
+    def restart(self) -> None:
+        self.count = 0
 
 
 def read_video(ref: str, opts: dict[str, Any], policy: MediaPolicy,
