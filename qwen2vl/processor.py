@@ -18,7 +18,7 @@ from .datatypes import ModelInputs
 from .errors import InputError
 from .inputs.fetch import MediaPolicy
 from .inputs.image import VisionSpec, image_patches, load_image, smart_resize
-from .inputs.messages import IMAGE_OPTIONS, VIDEO_OPTIONS, VisionItem, as_batch, vision_items
+from .inputs.messages import IMAGE_OPTIONS, VIDEO_OPTIONS, VisionItem, as_batch, checked_options, vision_items
 from .inputs.video import frames_from_images, read_video, video_patches
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -149,13 +149,11 @@ class Processor:
         return x
 
 
-
-
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = set(options) - VIDEO_OPTIONS
     if unknown:
         raise TypeError(f"unknown processor option(s) {sorted(unknown)}; known: {sorted(VIDEO_OPTIONS)}")
-    return {k: v for k, v in options.items() if v is not None}
+    return checked_options(options)
 
 
 def _bar(enabled: bool, item: VisionItem):

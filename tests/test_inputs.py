@@ -195,6 +195,26 @@ def test_not_an_image(proc, tmp_path):
     _raises(proc, user({"type": "image", "image": str(f)}), ITEM0, "notes.png", "cannot read image")
 
 
+@pytest.mark.parametrize("value", ["448", {}, True, -1, float("nan"), float("inf")])
+def test_option_that_is_not_a_number(proc, assets, value):
+    image = str(assets / "images" / "cat.png")
+    _raises(proc, user({"type": "image", "image": image, "resized_height": value, "resized_width": 448}), ITEM0,
+            "option resized_height must be a finite number >= 0")
+    with pytest.raises(InputError, match="option max_pixels"):
+        proc(user({"type": "image", "image": image}), max_pixels=value)
+
+
+def test_corrupt_png_chunk(proc, assets, tmp_path):
+    """A damaged chunk makes Pillow raise SyntaxError (found by fuzzing; it was a crash)."""
+    data = bytearray((assets / "images" / "cat.png").read_bytes())
+    idat = data.find(b"IDAT")
+    after = idat + 4 + int.from_bytes(data[idat - 4:idat], "big") + 4  # past the first IDAT chunk and its CRC
+    data[after + 4:after + 8] = b"\xde\xad\xbe\xef"  # the next chunk's type
+    f = tmp_path / "bad.png"
+    f.write_bytes(bytes(data))
+    _raises(proc, user({"type": "image", "image": str(f)}), ITEM0, "bad.png", "cannot read image")
+
+
 def test_truncated_image(proc, assets, tmp_path):
     f = tmp_path / "cut.jpg"
     f.write_bytes((assets / "images" / "receipt.jpg").read_bytes()[:20000])

@@ -117,8 +117,8 @@ def _read(file: Path | io.BytesIO, policy: MediaPolicy, label: str | None = None
         raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
     except Image.UnidentifiedImageError:  # its message shows the file object's repr (a memory address)
         raise InputError(f"cannot read image {label or file}: not an image format Pillow reads") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read image {label or file}: {e}") from None
+    except Exception as e:  # Pillow's decoders raise many types on corrupt data: OSError, SyntaxError, EOFError, ...
+        raise InputError(f"cannot read image {label or file}: {type(e).__name__}: {e}") from None
 
 
 def _decode(image: Image.Image, policy: MediaPolicy) -> Image.Image:

@@ -7,6 +7,7 @@ A conversation is a list of {"role": ..., "content": str | list of items}; an it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,7 @@ def vision_items(batch: list[list[dict]]) -> list[VisionItem]:
                     if not isinstance(item["text"], str):
                         raise InputError(f"{at}: 'text' must be a string")
                     continue
-                items.append(VisionItem(kind, _source(item, kind, at), _options(item, kind), at, ci))
+                items.append(VisionItem(kind, _source(item, kind, at), _options(item, kind, at), at, ci))
     return items
 
 
@@ -100,6 +101,23 @@ def _source(item: dict, kind: str, at: str) -> Any:
     return source
 
 
-def _options(item: dict, kind: str) -> dict[str, Any]:
+def _options(item: dict, kind: str, at: str) -> dict[str, Any]:
     allowed = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
-    return {k: v for k, v in item.items() if k in allowed and v is not None}
+    try:
+        return checked_options({k: v for k, v in item.items() if k in allowed})
+    except InputError as e:
+        raise InputError(f"{at}: {e}") from None
+
+
+def checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Vision options without the None ones; each must be a finite number >= 0."""
+    for name, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise InputError(f"option {name} must be a finite number >= 0, got {_short(value)}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."

@@ -106,17 +106,21 @@ class VideoReader:
             self.container.close()
             raise InputError("file has no video stream")
         self.stream = self.container.streams.video[0]
+        ctx = self.stream.codec_context
+        if ctx is None:
+            self.container.close()
+            raise InputError("no decoder for the file's video stream (an unknown or unsupported codec)")
         # torchcodec's scan (qwen-vl-utils' first-choice reader): every packet is a frame, timed by its pts (its dts
         # when it has none); frame i is the i-th smallest; fps is the frame count over the span from the first
         # packet's time to the end of the last one. PyAV's demux ends with an empty flush packet, which is skipped.
         self.pts, self.keyframes, end = [], [], None
-        self.packed = PACKED_DIVX.search(self.stream.codec_context.extradata or b"") is not None
+        self.packed = PACKED_DIVX.search(ctx.extradata or b"") is not None
         try:
             for packet in self.container.demux(self.stream):
                 t = packet.pts if packet.pts is not None else packet.dts
                 if t is None:
                     continue
-                if not self.pts and self.stream.codec_context.name == "mpeg4":
+                if not self.pts and ctx.name == "mpeg4":
                     self.packed |= PACKED_DIVX.search(bytes(packet)) is not None
                 self.pts.append(t)
                 end = max(end if end is not None else t, t + (packet.duration or 0))
@@ -132,7 +136,6 @@ class VideoReader:
         rate = len(self.pts) / span if span > 0 else self.stream.average_rate or self.stream.guessed_rate
         if not rate:
             raise InputError("video has no frame rate")
-        ctx = self.stream.codec_context
         self.info = VideoInfo(len(self.pts), float(rate), ctx.width, ctx.height)
 
     def close(self) -> None:
