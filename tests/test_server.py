@@ -155,8 +155,8 @@ def test_allowed_local_media_path(model, assets, tmp_path):
     s = make_server(model, policy=MediaPolicy(allow_local=True, local_roots=(inside,), allow_remote=False))
     try:
         r = s.client().chat.completions.create(model="tiny", messages=image_message(str(inside / "cat.png")),
-                                               max_tokens=2)
-        assert r.choices[0].message.content is not None
+                                               max_tokens=2, temperature=0)
+        assert r.choices[0].message.content == expected(model, str(inside / "cat.png"), max_tokens=2).text
         _refused(s, str(inside / ".." / "secret.png"), "outside the allowed media directories")
         _refused(s, str(inside / "link.png"), "outside the allowed media directories")
         _refused(s, "file://" + str(tmp_path / "secret.png"), "outside the allowed media directories")
@@ -195,7 +195,7 @@ def media_host(assets):
     httpd.shutdown()
 
 
-def test_remote_media_blocks_private_addresses(model, media_host):
+def test_remote_media_blocks_private_addresses(model, media_host, assets):
     """Remote fetching on: loopback, private and link-local targets are refused before any connection, and so is
     a redirect to them from an allowed host (here a trusted loopback host, so no other network is involved)."""
     s = make_server(model, policy=MediaPolicy(allow_local=False, allow_remote=True, block_private_addresses=True))
@@ -207,8 +207,10 @@ def test_remote_media_blocks_private_addresses(model, media_host):
         _refused(s, "http://10.1.2.3/cat.png", "non-public address (10.1.2.3)")
         _refused(s, "http://169.254.169.254/latest/meta-data/", "non-public address (169.254.169.254)")
         ok = t.client().chat.completions.create(
-            model="tiny", messages=image_message(f"http://127.0.0.1:{media_host}/cat.png"), max_tokens=2)
-        assert ok.choices[0].message.content is not None  # the trusted host itself works
+            model="tiny", messages=image_message(f"http://127.0.0.1:{media_host}/cat.png"), max_tokens=2,
+            temperature=0)
+        # the trusted host itself works: the answer is the model's own about the same image
+        assert ok.choices[0].message.content == expected(model, str(assets / "images" / "cat.png"), max_tokens=2).text
         _refused(t, f"http://127.0.0.1:{media_host}/to-metadata", "non-public address (169.254.169.254)")
         _refused(t, f"http://127.0.0.1:{media_host}/to-localhost", "'localhost' resolves to a non-public address")
     finally:
@@ -244,8 +246,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(model, asse
             assert code == status, (name, code, reply)
             assert set(reply["error"]) >= {"message", "type"} and reply["error"]["message"], name
         code, reply = s.post(json.dumps({"messages": [{"role": "user", "content": "still there?"}],
-                                         "max_tokens": 3}).encode())
-        assert code == 200 and reply["choices"][0]["message"]["content"] is not None
+                                         "max_tokens": 3, "temperature": 0}).encode())
+        want = model.chat([{"role": "user", "content": "still there?"}], max_new_tokens=3, temperature=0).text
+        assert code == 200 and reply["choices"][0]["message"]["content"] == want
     finally:
         s.close()
 
@@ -333,8 +336,9 @@ def test_a_client_that_leaves_stops_its_generation(model, stream):
         wait_until(lambda: seq.done)
         assert seq.finish_reason == "abort" and len(seq.tokens) < 4000 and not engine.rows
         r = s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=3)
-        assert r.choices[0].message.content is not None
+                                               max_tokens=3, temperature=0)
+        assert r.choices[0].message.content == model.chat([{"role": "user", "content": "hi"}], max_new_tokens=3,
+                                                          temperature=0).text
     finally:
         s.close()
 
