@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from ..cpu.threads import single_threaded
 from ..errors import InputError, Qwen2VLError
 from ..generate import TextDelta, Usage
 from ..grammar import Constraint
@@ -74,6 +75,10 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     metrics = Metrics(engine)
     engine.observer = metrics
     runner = EngineThread(engine)
+
+    def prepare(conversation, options):
+        single_threaded()  # a request thread: no OpenMP pool besides the engine's (cpu/threads.py)
+        return processor(conversation, **options)
     app = FastAPI(title="qwen2vl", version="0.1.0", on_shutdown=[runner.stop])
     app.state.engine = engine
     app.state.stop = runner.stop  # for users of the app outside a server (batch jobs): ends the engine's thread
@@ -116,7 +121,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
             conversation, options = to_conversation(body, limits)
             params = model.sampling(**sampling_args(body, limits))
             constraint = output_constraint(body)
-            inputs = await run_in_threadpool(processor, conversation, **options)  # decoding off the event loop
+            inputs = await run_in_threadpool(prepare, conversation, options)  # decoding off the event loop
             grammar = await run_in_threadpool(model.compile, constraint)
         except InputError as e:
             return error(400, str(e), param="response_format" if "cannot be compiled" in str(e) else None)

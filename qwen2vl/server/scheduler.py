@@ -7,6 +7,7 @@ import asyncio
 import threading
 from typing import Any
 
+from ..cpu.threads import release_workers
 from ..generate import Engine, Sequence
 
 
@@ -33,8 +34,12 @@ class Job:
 
 
 class EngineThread:
+    """The thread that steps the engine. The thread that starts it (which loaded the model) frees its OpenMP workers
+    first, so that the engine's are the only ones (cpu/threads.py)."""
+
     def __init__(self, engine: Engine):
         self.engine, self.stopping = engine, threading.Event()
+        release_workers()
         self.thread = threading.Thread(target=engine.serve_forever, args=(self.stopping,), name="qwen2vl-engine",
                                        daemon=True)
         self.thread.start()
