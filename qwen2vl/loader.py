@@ -11,6 +11,7 @@ import torch
 
 from .config import Qwen2VLConfig
 from .cpu import Plan, ScanHead, decide, swap_after_load
+from .cpu.threads import release_workers
 from .memory import return_freed_memory
 from .model import Qwen2VLModel
 from .processor import Processor
@@ -79,6 +80,7 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
         head_rows = RowReader.open(ckpt, ("lm_head.weight",) + (tied[1:] if tied else ()))
         module.lm_head.use_rows(head_rows)
         module.model.embed_tokens.use_rows(head_rows if tied else RowReader.open(ckpt, ("model.embed_tokens.weight",)))
+    release_workers()  # whichever thread generates next should own the only OpenMP pool (cpu/threads.py)
     budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
     processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() else None
     return module.eval(), processor, ckpt, plan
