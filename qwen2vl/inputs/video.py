@@ -153,7 +153,7 @@ class VideoReader:
 
         wanted = sorted(set(indices))
         slot = {index: i for i, index in enumerate(wanted)}
-        out = Frames(len(wanted), progress)
+        out = Frames(len(wanted), progress, self.info.width, self.info.height)
         try:
             if self.packed or not self._seek_and_match(wanted, slot, out):
                 out.restart()
@@ -209,13 +209,20 @@ class VideoReader:
 
 
 class Frames:
-    """The wanted frames, preallocated at the first one; progress reports each frame once, across a restart."""
+    """The wanted frames, preallocated at the first one; progress reports each frame once, across a restart. A frame
+    whose size differs from the stream's (a mid-stream change) is scaled to it, as torchcodec does (bilinear)."""
 
-    def __init__(self, n: int, progress: Callable[[int], None] | None):
+    def __init__(self, n: int, progress: Callable[[int], None] | None, width: int, height: int):
         self.n, self.progress, self.array, self.count, self.reported = n, progress, None, 0, 0
+        self.size = (width, height) if width > 0 and height > 0 else None
 
     def put(self, i: int, frame) -> None:
-        rgb = frame.to_ndarray(format="rgb24")
+        if self.size is None:
+            self.size = (frame.width, frame.height)
+        if (frame.width, frame.height) == self.size:
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            rgb = frame.to_ndarray(format="rgb24", width=self.size[0], height=self.size[1], interpolation="BILINEAR")
         if self.array is None:
             self.array = np.empty((self.n, *rgb.shape), dtype=np.uint8)
         self.array[i] = rgb
