@@ -134,20 +134,25 @@ const char *kernels_isa(void) { return QK_ISA_NAME; }
    Decode-sized matmuls: each thread takes a contiguous share of 4-row blocks and streams their bytes in order.
    ------------------------------------------------------------------------------------------------------------ */
 
+#ifndef QK_HAVE_QUANTIZE_GROUP
+/* 128 activations -> int16 rounded to nearest (even), their scale (max |v| / 32767) and the sum of the int16s. */
+static void quantize_group(const float *v, int16_t *q, float *scale, float *sum) {
+    float mx = 0.f;
+    for (int i = 0; i < 128; i++) mx = fmaxf(mx, fabsf(v[i]));
+    const float s = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / s;
+    int total = 0;
+    for (int i = 0; i < 128; i++) { q[i] = (int16_t)lrintf(v[i] * inv); total += q[i]; }
+    *scale = s;
+    *sum = (float)total;
+}
+#endif
+
 /* x (M, K) -> xq (M, K) int16, scales xs (M, K/128) and integer sums xsum (M, K/128). */
 static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, float *xsum) {
     for (int m = 0; m < M; m++)
-        for (int b = 0; b < K / 128; b++) {
-            const float *v = x + (size_t)m * K + b * 128;
-            float mx = 0.f;
-            for (int i = 0; i < 128; i++) mx = fmaxf(mx, fabsf(v[i]));
-            float s = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / s;
-            int16_t *q = xq + (size_t)m * K + b * 128;
-            int sum = 0;
-            for (int i = 0; i < 128; i++) { q[i] = (int16_t)lrintf(v[i] * inv); sum += q[i]; }
-            xs[m * (K / 128) + b] = s;
-            xsum[m * (K / 128) + b] = (float)sum;
-        }
+        for (int b = 0; b < K / 128; b++)
+            quantize_group(x + (size_t)m * K + b * 128, xq + (size_t)m * K + b * 128, xs + m * (K / 128) + b,
+                           xsum + m * (K / 128) + b);
 }
 
 typedef struct { int16_t *q; float *s, *sum; } xquant_t;  /* quantize_x's three outputs */

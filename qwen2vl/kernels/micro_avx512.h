@@ -20,6 +20,25 @@ static inline __m512i dot128(__m512i w0, __m512i w1, __m512i w2, __m512i w3, con
     return dot16(a, w3, _mm512_loadu_si512(xg + 96));
 }
 
+/* kernels.c's quantize_group in vectors, with the same results: max |v| ignores NaN as fmaxf does, and the
+   conversion rounds to nearest even as lrintf does. */
+#define QK_HAVE_QUANTIZE_GROUP 1
+static void quantize_group(const float *v, int16_t *q, float *scale, float *sum) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < 128; i += 16) mx = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(v + i), abs_mask), mx);
+    const float m = _mm512_reduce_max_ps(mx), s = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / s;
+    __m512i total = _mm512_setzero_si512();
+    for (int i = 0; i < 128; i += 16) {
+        const __m256i r = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i),
+                                                                                  _mm512_set1_ps(inv))));
+        _mm256_storeu_si256((__m256i *)(q + i), r);
+        total = _mm512_add_epi32(total, _mm512_cvtepi16_epi32(r));
+    }
+    *scale = s;
+    *sum = (float)_mm512_reduce_add_epi32(total);
+}
+
 /* One input row (batch-1 decoding): the four rows' accumulators stay in registers and a group's activations are
    loaded once for the four rows. Software prefetch 2 KB ahead measured ~20% faster than the hardware's alone. */
 static void q4x4_block1(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
