@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import contextmanager
+from functools import lru_cache
 
 
+@lru_cache(maxsize=1)
 def torchcodec_loads() -> bool:
     """torchcodec (qwen-vl-utils' first-choice video reader) needs FFmpeg's shared libraries (Debian's `ffmpeg`)."""
     if importlib.util.find_spec("torchcodec") is None:
@@ -49,15 +51,11 @@ def oracle_inputs(processor, conversations, add_vision_id=False, reader: str | N
     """`reader`: the video reader qwen-vl-utils uses; by default torchcodec where it loads, else decord."""
     from qwen_vl_utils import process_vision_info
 
-    with video_reader(reader or ("torchcodec" if torchcodec_loads() else "decord")):
-        return _oracle_inputs(processor, conversations, add_vision_id, process_vision_info)
-
-
-def _oracle_inputs(processor, conversations, add_vision_id, process_vision_info) -> dict:
     batch = conversations if isinstance(conversations[0], list) else [conversations]
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, add_vision_id=add_vision_id)
              for c in batch]
-    images, videos = process_vision_info(batch)
+    with video_reader(reader or ("torchcodec" if torchcodec_loads() else "decord")):
+        images, videos = process_vision_info(batch)
     # Frames are already sampled and resized by qwen-vl-utils; Qwen2-VL uses no fps (no time scaling).
     video_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False} if videos else {}
     out = processor(text=texts, images=images, videos=videos, padding=True, return_tensors="pt", **video_kwargs)

@@ -61,26 +61,19 @@ def videos(tmp_path_factory, assets):
     return paths
 
 
-def torchcodec_frames(path, indices):
-    from torchcodec.decoders import VideoDecoder
-
-    decoder = VideoDecoder(str(path))
-    return decoder.metadata, decoder.get_frames_at(indices=indices).data.permute(0, 2, 3, 1).numpy()
-
-
 @pytest.mark.parametrize("name", [*ASSETS, *MADE])
 def test_frames_equal_torchcodec(videos, name):
     from torchcodec.decoders import VideoDecoder
 
+    decoder = VideoDecoder(str(videos[name]))
     reader = VideoReader(videos[name])
     try:
-        meta = VideoDecoder(str(videos[name])).metadata
-        assert reader.info.total_frames == meta.num_frames
-        n = meta.num_frames
+        n = decoder.metadata.num_frames
+        assert reader.info.total_frames == n
         # torchcodec cannot decode the last frame of an AVI with B-frames ("no more frames left to decode"); decord
         # and qwen2vl can (test_bframes_avi_last_frame).
         indices = list(range(n - 1 if name == "mpeg4-bframes.avi" else n))
-        _, expected = torchcodec_frames(videos[name], indices)
+        expected = decoder.get_frames_at(indices=indices).data.permute(0, 2, 3, 1).numpy()
         got = reader.frames(indices)
     finally:
         reader.close()

@@ -79,6 +79,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     def prepare(conversation, options):
         single_threaded()  # a request thread: no OpenMP pool besides the engine's (cpu/threads.py)
         return processor(conversation, **options)
+
     app = FastAPI(title="qwen2vl", version="0.1.0", on_shutdown=[runner.stop])
     app.state.engine = engine
     app.state.stop = runner.stop  # for users of the app outside a server (batch jobs): ends the engine's thread
