@@ -26,7 +26,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 CPU_IMAGE_BUDGET = 512 * 28 * 28
 
 # The plan's decode path -> the kernel each quantized linear converts its weights for.
-_LINEAR_KERNEL = {"native-layer": "q4x4", "q4x4": "q4x4", "float32": "q4x4-float32", "torch-int4": "int4_cpu",
+_LINEAR_KERNEL = {"native-layer": "q4x16", "q4x16": "q4x16", "float32": "q4x16-float32", "torch-int4": "int4_cpu",
                   "reference": "reference"}
 
 

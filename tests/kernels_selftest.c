@@ -16,9 +16,9 @@ static void show(const char *name, const float *v, int n) {
 }
 
 int main(void) {
-    enum { N = 200, K = 384, G = K / 128, M = 3 };
-    static uint8_t w4[N / 4 * G * 256], z4[N / 4 * G * 4];
-    static uint16_t s4[N / 4 * G * 4];
+    enum { N = 208, K = 384, G = K / 128, M = 3 };
+    static uint8_t w4[N * G * 64], z4[N * G];
+    static uint16_t s4[N * G];
     static int8_t w8[N / 4 * (K / 64) * 256];
     static float s8[N], x[M * K], y[M * N], wt[K * N];
     for (size_t i = 0; i < sizeof w4; i++) w4[i] = (uint8_t)(rnd() * 128 + 128);
@@ -28,13 +28,13 @@ int main(void) {
     for (int i = 0; i < N; i++) s8[i] = 0.01f + 0.001f * rnd();
     for (int i = 0; i < M * K; i++) x[i] = rnd() * 3;
 
-    q4x4_gemv(x, 1, K, N, w4, s4, z4, y, 1);
-    show("q4x4_m1", y, N);
-    q4x4_gemv(x, M, K, N, w4, s4, z4, y, 2);
-    show("q4x4_m3", y, M * N);
+    q4x16_gemv(x, 1, K, N, w4, s4, z4, y, 1);
+    show("q4x16_m1", y, N);
+    q4x16_gemv(x, M, K, N, w4, s4, z4, y, 2);
+    show("q4x16_m3", y, M * N);
     q8x4_gemv(x, M, K, N, w8, s8, y, 2);
     show("q8x4_m3", y, M * N);
-    q4x4_dequant_t(w4, s4, z4, N, K, wt, 0, 2);
+    q4x16_dequant_t(w4, s4, z4, N, K, wt, 0, 2);
     show("dequant_f32", wt, K * N);
 
     static float g[M * 2 * 40], act[4096];

@@ -10,7 +10,7 @@ import torch
 from qwen2vl import kernels
 from qwen2vl.cpu import PackedLinear, ScanHead
 from qwen2vl.cpu import head as head_module
-from qwen2vl.quant.formats import dequantize, q4x4_pack
+from qwen2vl.quant.formats import dequantize, q4x16_pack
 from qwen2vl.rope import vision_cos_sin
 from qwen2vl.vision import quick_gelu, rotate_qk
 
@@ -104,15 +104,15 @@ def test_q8x4_gemv_matches_reference(native):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N, K", [(256, 384), (68, 128), (200, 1536)])  # N % 64 == 4 and 8: the rows left over
-def test_q4x4_dequant_t_is_exact(N, K, dtype, native):
+@pytest.mark.parametrize("N, K", [(256, 384), (80, 128), (208, 1536)])  # N % 64 == 16 and 16 * 13: rows left over
+def test_q4x16_dequant_t_is_exact(N, K, dtype, native):
     """W^T for the prefill matmul: exactly the reference dequantization (q - zero) * scale, rounded to `dtype`."""
     g = torch.Generator().manual_seed(N)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
     scales = torch.rand(K // 128, N, generator=g).half().float()
     zeros = torch.randint(0, 16, (K // 128, N), generator=g).float()
     ref = dequantize(q, scales, zeros, torch.arange(K) // 128).to(dtype)
-    wt = native.q4x4_dequant_t(*q4x4_pack(q, scales, zeros), torch.empty(K, N, dtype=dtype))
+    wt = native.q4x16_dequant_t(*q4x16_pack(q, scales, zeros), torch.empty(K, N, dtype=dtype))
     assert torch.equal(wt, ref.t())
 
 

@@ -44,7 +44,7 @@ def fake_timings(bf16_faster: bool) -> dict[str, float]:
     return {"vision_float32": slow if bf16_faster else fast, "vision_bf16": fast if bf16_faster else slow,
             "vision_packed": fast / 2, "prefill_float32": slow if bf16_faster else fast,
             "prefill_bf16": fast if bf16_faster else slow, "attention_sdpa": 0.02, "attention_native": 0.01,
-            "decode_q4x4": 0.001, "decode_torch_int4": 0.002}
+            "decode_q4x16": 0.001, "decode_torch_int4": 0.002}
 
 
 @pytest.mark.parametrize("bf16_faster", [True, False])

@@ -118,16 +118,16 @@ def make_layer(fmt, bits, K, N, act_order=False, bias=True, seed=0):
 
 
 LAYERS = [("awq", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("gptq", 8, False)]
-# The native q4x4 kernels at each ISA level; torch's int4 kernel with native dequantization for prefill, or with
+# The native q4x16 kernels at each ISA level; torch's int4 kernel with native dequantization for prefill, or with
 # torch ops alone.
-BACKENDS = ["q4x4-avx512", "q4x4-avx2", "q4x4-neon", "q4x4-generic", "int4_cpu", "int4_cpu-torch"]
+BACKENDS = ["q4x16-avx512", "q4x16-avx2", "q4x16-neon", "q4x16-generic", "int4_cpu", "int4_cpu-torch"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """(kernel, kernels) for QuantLinear.prepare."""
     kernel, _, level = request.param.partition("-")
-    if kernel == "q4x4" and level not in kernels.cpu_levels():
+    if kernel == "q4x16" and level not in kernels.cpu_levels():
         pytest.skip(f"this CPU cannot run the {level} kernels")
     native = None if level == "torch" else kernels.load(level or None)
     if native is None and level != "torch":
@@ -136,26 +136,28 @@ def backend(request):
 
 
 @pytest.mark.parametrize("fmt, bits, act_order", LAYERS)
-@pytest.mark.parametrize("K, N", [(128, 64), (256, 136), (512, 200), (1536, 256)])
+@pytest.mark.parametrize("K, N", [(128, 64), (256, 136), (512, 208), (1536, 256)])
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch, backend):
     """The chosen kernel against dequantize-then-matmul in float32.
 
     Tolerances (relative, in norm): for up to 16 rows (decode) torch's int4 CPU kernel runs on bf16 activations and
-    returns bf16 (cpu-notes: its fp32 path is ~30x slower), 2^-9 rounding in and out: <= 1e-2. The native q4x4
+    returns bf16 (cpu-notes: its fp32 path is ~30x slower), 2^-9 rounding in and out: <= 1e-2. The native q4x16
     kernels round activations to int16 per 128 inputs (2^-16 of the block's largest value): <= 1e-4. Larger inputs
     (prefill, batch 64 here) dequantize and compute in float32, as does the reference kernel (8-bit, or where the
-    int4 kernels do not apply): <= 1e-5."""
+    int4 kernels do not apply): <= 1e-5; except torch's int4 kernel where its packing block does not divide N (208
+    with AVX-512's block of 64), which runs prefill on bf16 activations too (layer.exact False): <= 1e-2."""
     kernel, native = backend
     layer = make_layer(fmt, bits, K, N, act_order)
     x = torch.randn(batch, K, generator=torch.Generator().manual_seed(1))
     ref = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
     layer.prepare(kernel, native)
-    fits = N % 4 == 0 if kernel == "q4x4" else N % 16 == 0  # N = 136: torch's packing falls back
+    fits = N % 16 == 0  # N = 136: both packings fall back
     assert layer.kernel == (kernel if bits == 4 and fits else "reference")
     y = layer(x)
     rel = ((y - ref).norm() / ref.norm()).item()
-    tol = 1e-5 if layer.kernel == "reference" or batch > 16 else 1e-2 if layer.kernel == "int4_cpu" else 1e-4
+    exact = layer.kernel == "reference" or (batch > 16 and layer.exact)
+    tol = 1e-5 if exact else 1e-2 if layer.kernel == "int4_cpu" else 1e-4
     assert rel <= tol, f"{layer.kernel}, batch {batch}: relative error {rel:.2e}"
     y3 = layer(x.view(batch, 1, K))  # any leading shape
     assert torch.equal(y3.view(batch, N), y)
@@ -202,10 +204,10 @@ def awq_model(request, tmp_path_factory):
         measured = plan_module.measure
         mp.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "decode_torch_int4": float("inf")})
         fast = Qwen2VL.from_pretrained(root / "awq", progress=False)
-    kernel = "q4x4" if bits == 4 and ours.plan.isa else "reference"  # fast=False: never bf16 activations
+    kernel = "q4x16" if bits == 4 and ours.plan.isa else "reference"  # fast=False: never bf16 activations
     assert ours.plan.decode == ("float32" if ours.plan.isa else "reference")
     used = {m.kernel for m in ours.model.modules() if isinstance(m, QuantLinear)}
-    assert used == ({kernel, "fused"} if kernel == "q4x4" else {kernel})
+    assert used == ({kernel, "fused"} if kernel == "q4x16" else {kernel})
     hf = hf_model(config, seed=0)
     state = load_file(str(root / "awq" / "model.safetensors"))
     dense = {}
@@ -325,7 +327,7 @@ def test_prefill_mlp_equals_the_model_mlp(awq_model):
     for layer in layers:
         mlp = layer.mlp.mlp if isinstance(layer.mlp, PrefillMLP) else layer.mlp
         fused = getattr(mlp.gate_proj, "fused", None)
-        expected = fused is not None and fused.kernel == "q4x4" and fused.bulk_dtype == torch.bfloat16
+        expected = fused is not None and fused.kernel == "q4x16" and fused.bulk_dtype == torch.bfloat16
         assert isinstance(layer.mlp, PrefillMLP) == expected
     if not isinstance(layers[0].mlp, PrefillMLP):
         pytest.skip("nothing swapped, as asserted: gptq8 (reference kernel) or a float32 prefill plan")
@@ -356,7 +358,7 @@ def with_model_layers(text, run):
 
 
 def test_native_decode_equals_the_model_layers(awq_model):
-    """Where every projection runs the native q4x4 kernel, the fast model decodes one sequence with one native call
+    """Where every projection runs the native q4x16 kernel, the fast model decodes one sequence with one native call
     per layer: the same greedy tokens as the model's own layers, and logprobs within 1e-3 of their scale. RMSNorm's
     and attention's sums (and exp) run in another order than torch's, and where that moves an activation across the
     next matmul's int16 rounding (steps of 2^-16 of a block's largest value) a layer's output differs by up to
@@ -364,7 +366,7 @@ def test_native_decode_equals_the_model_layers(awq_model):
     _, fast, _, config, _ = awq_model
     text = fast.model.model
     expected = fast.plan.decode == "native-layer" and \
-        {m.kernel for m in fast.model.modules() if isinstance(m, QuantLinear)} == {"q4x4", "fused"}
+        {m.kernel for m in fast.model.modules() if isinstance(m, QuantLinear)} == {"q4x16", "fused"}
     assert all(isinstance(layer, NativeDecoderLayer) == expected for layer in text.layers)
     if not expected:
         pytest.skip("this checkpoint or plan has no one-call decode layers (gptq8, or no native kernels)")

@@ -2,7 +2,7 @@
 call instead of ~40 torch ops, whose dispatch alone costs ~0.4 ms per layer (a sixth of a decode step on the 2B
 model), and each weight read once for all rows.
 
-Swapped in by the plan for layers whose projections all run the native q4x4 kernel (fused q/k/v with bias, fused
+Swapped in by the plan for layers whose projections all run the native q4x16 kernel (fused q/k/v with bias, fused
 gate/up). Rows may be left-padded (the engine's batch): each row's valid keys must be one run ending at the new
 position. Any other call (prefill, other masks, another cache) runs the model's own layer.
 """
@@ -60,7 +60,7 @@ class NativeDecoderLayer(nn.Module):
     def applies(layer: nn.Module) -> bool:
         qkv, o, gu, dn = _parts(layer)
         attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-        return all(isinstance(p, QuantLinear) and p.kernel == "q4x4" and p.perm is None for p in (qkv, o, gu, dn)) \
+        return all(isinstance(p, QuantLinear) and p.kernel == "q4x16" and p.perm is None for p in (qkv, o, gu, dn)) \
             and qkv.bias is not None and o.bias is None and gu.bias is None and dn.bias is None \
             and attn.head_dim % 16 == 0 and attn.head_dim <= 512 and attn.n_heads % attn.n_kv == 0 \
             and all(n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms) \

@@ -20,7 +20,7 @@ class PrefillMLP(nn.Module):
     def applies(mlp: nn.Module) -> bool:
         gate_up, down = getattr(mlp.gate_proj, "fused", None), mlp.down_proj
         return isinstance(gate_up, QuantLinear) and isinstance(down, QuantLinear) and \
-            all(p.kernel == "q4x4" and p.bulk_dtype == torch.bfloat16 and p.bias is None and p.perm is None
+            all(p.kernel == "q4x16" and p.bulk_dtype == torch.bfloat16 and p.bias is None and p.perm is None
                 for p in (gate_up, down))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class Plan:
     vision_kernels: bool  # native rotary and quick_gelu in the vision tower
     vision_attention: str  # "native" (kernels.c bf16 flash attention) | "torch" (SDPA)
     prefill_dtype: torch.dtype  # quantized matmuls over many rows: dequantized weights in this dtype
-    decode: str  # quantized matmuls over few rows: "native-layer" | "q4x4" | "torch-int4" | "float32" | "reference"
+    decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -82,8 +82,8 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
         f" vs native ({isa}) {t['attention_native'] * 1e3:.1f} ms" if "attention_native" in t else "")
     reasons["prefill"] = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms"
     if k is not None:
-        decode = "native-layer" if t["decode_q4x4"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
-        reasons["decode"] = f"q4x4 ({isa}) {t['decode_q4x4'] * 1e3:.2f} ms" + (
+        decode = "native-layer" if t["decode_q4x16"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
+        reasons["decode"] = f"q4x16 ({isa}) {t['decode_q4x16'] * 1e3:.2f} ms" + (
             f" vs torch int4 {t['decode_torch_int4'] * 1e3:.2f} ms" if "decode_torch_int4" in t else "")
     else:
         decode = "torch-int4"
@@ -166,10 +166,10 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     zeros = torch.full((K // 128, N), 8.0)
     k = kernels.load(isa) if isa else None
     if k is not None:
-        from ..quant.formats import q4x4_pack
+        from ..quant.formats import q4x16_pack
 
-        packed, sc, zr = q4x4_pack(q, scales, zeros)
-        out["decode_q4x4"] = _best(lambda: k.q4x4_gemv(x, packed, sc, zr), 5)
+        packed, sc, zr = q4x16_pack(q, scales, zeros)
+        out["decode_q4x16"] = _best(lambda: k.q4x16_gemv(x, packed, sc, zr), 5)
         if D % 16 == 0 and D <= 128:
             out["attention_native"] = _best(lambda: k.vit_attention_bf16(qkv, L))
     if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):

@@ -147,8 +147,8 @@ class Kernels:
         lib = self.lib = ctypes.CDLL(str(path))  # its libgomp is the one torch already loaded (same soname)
         for name, args in {
             "q4pack_dequant_t": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _I],
-            "q4x4_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
-            "q4x4_dequant_t": [_P, _P, _P, _I, _I, _P, _I, _I],
+            "q4x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
+            "q4x16_dequant_t": [_P, _P, _P, _I, _I, _P, _I, _I],
             "q8x4_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
             "rotary_qk": [_P, _I, _I, _I, _P, _P, _I, _I],
             "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
@@ -186,25 +186,26 @@ class Kernels:
                            torch.get_num_threads())
         return y
 
-    def q4x4_gemv(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    def q4x16_gemv(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor) -> torch.Tensor:
         """x (M, K), M <= 16 -> (M, N) float32 = x W^T (activations rounded to int16 per 128, see kernels.c)."""
         M, K = x.shape
-        N = packed.shape[0] * 4
+        N = packed.shape[0] * 16
         if M > 16 or packed.shape[1] * 128 != K or not packed.is_contiguous():
-            raise ValueError(f"q4x4_gemv: x {tuple(x.shape)} does not fit weights {tuple(packed.shape)}")
+            raise ValueError(f"q4x16_gemv: x {tuple(x.shape)} does not fit weights {tuple(packed.shape)}")
         x = x.float().contiguous()
         y = torch.empty(M, N)
-        self.lib.q4x4_gemv(x.data_ptr(), M, K, N, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+        self.lib.q4x16_gemv(x.data_ptr(), M, K, N, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                            y.data_ptr(), torch.get_num_threads())
         return y
 
-    def q4x4_dequant_t(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    def q4x16_dequant_t(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                        out: torch.Tensor) -> torch.Tensor:
-        """out (K, N) float32 or bfloat16 = W^T from the q4x4 layout."""
+        """out (K, N) float32 or bfloat16 = W^T from the q4x16 layout."""
         K, N = out.shape
-        assert packed.shape == (N // 4, K // 128, 4, 64) and out.is_contiguous()
+        assert packed.shape == (N // 16, K // 128, 32, 16, 2) and out.is_contiguous()
         assert out.dtype in (torch.float32, torch.bfloat16)
-        self.lib.q4x4_dequant_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, out.data_ptr(),
+        self.lib.q4x16_dequant_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, K, out.data_ptr(),
                                 int(out.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 

@@ -7,9 +7,11 @@
    sums, and the tests check each against the pure reference.
 
    Weight layouts:
-   - "q4x4": bytes (N/4, G, 4, 64) for G groups of 128 inputs: for a block of 4 output rows and a group, each row
-     has 64 bytes, byte j holding input j (low nibble) and input j + 64 (high); per (block, group, row) an fp16
-     scale and a uint8 zero point: W = (q - zero) * scale.
+   - "q4x16": bytes (N/16, G, 32, 16, 2) for G groups of 128 inputs: for a block of 16 output rows and a group, the
+     16 rows' bytes of input pair p (32 bytes), byte (r, t) holding row r's input 2p + t (low nibble) and input
+     64 + 2p + t (high); per (block, group, row) an fp16 scale and a uint8 zero point: W = (q - zero) * scale.
+     A vector's lanes are output rows: one load gives 16 rows' weights for two inputs, which multiply one broadcast
+     pair of activations, and the per-group scaling is one vector operation for 16 rows.
    - "q8x4": signed bytes (N/4, K/64, 4, 64), 4 rows interleaved 64 inputs at a time, a float32 scale per row.
    - torch's CPU int4 packing (aten._convert_weight_to_int4pack_for_cpu) stores an (N, K) level matrix as blocks of
      B output rows: bytes (N/B, K, B/2), byte j of (block, k) holding row j (low nibble) and row j + B/2 (high).
@@ -115,8 +117,9 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The ISA's microkernels: q4x4_block, q8x4_block (one 4-row block of a decode-sized matmul), the ISA's name and,
-   where it has one (QK_HAVE_TILE64), its own dequant_tile64 (64 rows of one group of W^T from q4x4).
+   The ISA's microkernels: q4x16_block (one 16-row block of a decode-sized matmul), q8x4_block (one 4-row block),
+   the ISA's name and, where it has one (QK_HAVE_TILE64), its own dequant_tile64 (64 rows of one group of W^T from
+   q4x16).
    ------------------------------------------------------------------------------------------------------------ */
 #if defined(QK_ISA_AVX512)
 #include "micro_avx512.h"
@@ -131,7 +134,7 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 const char *kernels_isa(void) { return QK_ISA_NAME; }
 
 /* ------------------------------------------------------------------------------------------------------------
-   Decode-sized matmuls: each thread takes a contiguous share of 4-row blocks and streams their bytes in order.
+   Decode-sized matmuls: each thread takes a contiguous share of row blocks and streams their bytes in order.
    ------------------------------------------------------------------------------------------------------------ */
 
 #ifndef QK_HAVE_QUANTIZE_GROUP
@@ -166,18 +169,17 @@ static xquant_t xquant(const float *x, int M, int K) {
 
 static void xquant_free(xquant_t *r) { free(r->q); free(r->s); free(r->sum); }
 
-/* y (M, N) = x (M, K) W^T for the q4x4 layout; K % 128 == 0, N % 4 == 0, M <= 16. */
-void q4x4_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint16_t *scale, const uint8_t *zero,
-               float *y, int threads) {
+/* y (M, N) = x (M, K) W^T for the q4x16 layout; K % 128 == 0, N % 16 == 0, M <= 16. */
+void q4x16_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint16_t *scale, const uint8_t *zero,
+                float *y, int threads) {
     const int G = K / 128;
     xquant_t q = xquant(x, M, K);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int blk = 0; blk < N / 4; blk++) {
-        float out[4 * QK_MAX_M];
-        q4x4_block(w + (size_t)blk * G * 256, scale + (size_t)blk * G * 4, zero + (size_t)blk * G * 4, G, q.q, q.s,
-                   q.sum, M, K, out);
-        for (int m = 0; m < M; m++)
-            for (int r = 0; r < 4; r++) y[(size_t)m * N + blk * 4 + r] = out[m * 4 + r];
+    for (int blk = 0; blk < N / 16; blk++) {
+        float out[16 * QK_MAX_M];
+        q4x16_block(w + (size_t)blk * G * 1024, scale + (size_t)blk * G * 16, zero + (size_t)blk * G * 16, G, q.q,
+                    q.s, q.sum, M, K, out);
+        for (int m = 0; m < M; m++) memcpy(y + (size_t)m * N + blk * 16, out + m * 16, sizeof(float) * 16);
     }
     xquant_free(&q);
 }
@@ -199,19 +201,20 @@ void q8x4_gemv(const float *x, int M, int K, int N, const int8_t *w, const float
    Dequantization for prefill-sized matmuls, and the AWQ unpack at load
    ------------------------------------------------------------------------------------------------------------ */
 
-/* Rows [n0, n0 + R) (R <= 64) of W^T's group g from q4x4, through an L1 tile: rows read contiguously, W^T's rows
+/* Rows [n0, n0 + R) (R <= 64, both multiples of 16) of W^T's group g from q4x16, through an L1 tile: W^T's rows
    written contiguously. */
 static void dequant_tile(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
                          int R, void *out, int bf16) {
     float t[128][64];
     for (int r = 0; r < R; r++) {
         const int n = n0 + r;
-        const size_t blk = (size_t)(n / 4) * G + g;
-        const uint8_t *p = w + blk * 256 + (n % 4) * 64;
-        const float s = half_to_float(scale[blk * 4 + n % 4]), z = (float)zero[blk * 4 + n % 4];
+        const size_t blk = (size_t)(n / 16) * G + g;
+        const uint8_t *p = w + blk * 1024 + (n % 16) * 2;
+        const float s = half_to_float(scale[blk * 16 + n % 16]), z = (float)zero[blk * 16 + n % 16];
         for (int j = 0; j < 64; j++) {
-            t[j][r] = ((float)(p[j] & 15) - z) * s;
-            t[j + 64][r] = ((float)(p[j] >> 4) - z) * s;
+            const uint8_t b = p[(j / 2) * 32 + j % 2];
+            t[j][r] = ((float)(b & 15) - z) * s;
+            t[j + 64][r] = ((float)(b >> 4) - z) * s;
         }
     }
     for (int j = 0; j < 128; j++) {
@@ -228,10 +231,10 @@ static void dequant_tile64(const uint8_t *w, const uint16_t *scale, const uint8_
 }
 #endif
 
-/* Wt (K, N) float32 or bfloat16 = W^T from the q4x4 layout: the right operand oneDNN's matmuls take fastest at
+/* Wt (K, N) float32 or bfloat16 = W^T from the q4x16 layout: the right operand oneDNN's matmuls take fastest at
    prefill sizes. Work items are (group, 64 rows), group-major. */
-void q4x4_dequant_t(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int K, void *out, int bf16,
-                    int threads) {
+void q4x16_dequant_t(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int K, void *out,
+                     int bf16, int threads) {
     const int G = K / 128, T = (N + 63) / 64;
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int g = 0; g < G; g++) {
@@ -344,14 +347,14 @@ void silu_mul_bf16(const uint16_t *h, int M, int I, uint16_t *out, int threads) 
 /* ------------------------------------------------------------------------------------------------------------
    One decoder layer for one token (batch 1, decoding), in one call: the ~40 torch ops of a Qwen2 decoder layer for
    a single row cost ~0.4 ms per layer in dispatch alone. The same steps in the same order, in float32: RMSNorm, the
-   fused q/k/v q4x4 matmul + bias, rotary, the K/V cache write, attention over the cache, o_proj, residual, RMSNorm,
+   fused q/k/v q4x16 matmul + bias, rotary, the K/V cache write, attention over the cache, o_proj, residual, RMSNorm,
    fused gate/up, silu(gate) * up, down_proj, residual. Sums and exp are ordered differently from torch's.
    ------------------------------------------------------------------------------------------------------------ */
 typedef struct {
     int D, H, Hkv, hd, I;  /* hidden size, heads, kv heads, head dim, MLP size */
     float eps;
     const float *ln1, *ln2;  /* (D,) */
-    const uint8_t *qkv_w, *o_w, *gu_w, *dn_w;  /* q4x4 layouts: (H + 2 Hkv) hd x D, D x H hd, 2I x D, D x I */
+    const uint8_t *qkv_w, *o_w, *gu_w, *dn_w;  /* q4x16 layouts: (H + 2 Hkv) hd x D, D x H hd, 2I x D, D x I */
     const uint16_t *qkv_s, *o_s, *gu_s, *dn_s;
     const uint8_t *qkv_z, *o_z, *gu_z, *dn_z;
     const float *qkv_b;  /* ((H + 2 Hkv) hd,) */
@@ -397,7 +400,7 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
     float *att = malloc(sizeof(float) * (size_t)M * H * hd), *sc = malloc(sizeof(float) * (size_t)M * H * S);
     float *gu = malloc(sizeof(float) * 2 * (size_t)M * I);
     for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln1, D, L->eps, a + (size_t)m * D);
-    q4x4_gemv(a, M, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
+    q4x16_gemv(a, M, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
     for (int m = 0; m < M; m++) {
         float *r = qkv + (size_t)m * Nqkv;
         for (int i = 0; i < Nqkv; i++) r[i] += L->qkv_b[i];
@@ -420,15 +423,15 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
         attend(qkv + (size_t)m * Nqkv + (size_t)h * hd, kc + g, vc + g, S - s0, hd, scale, sc + (size_t)mh * S,
                att + (size_t)mh * hd);
     }
-    q4x4_gemv(att, M, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
+    q4x16_gemv(att, M, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln2, D, L->eps, a + (size_t)m * D);
-    q4x4_gemv(a, M, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
+    q4x16_gemv(a, M, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
     for (int m = 0; m < M; m++) {
         float *r = gu + (size_t)m * 2 * I, *out = gu + (size_t)m * I;  /* packed in place: row m's I products */
         for (int i = 0; i < I; i++) { const float v = silu_c(r[i]) * r[I + i]; out[i] = v; }
     }
-    q4x4_gemv(gu, M, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
+    q4x16_gemv(gu, M, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     free(a); free(qkv); free(o); free(att); free(sc); free(gu);
 }

@@ -4,6 +4,63 @@
 
 static const char QK_ISA_NAME[] = "neon";
 
+/* Up to two input rows against a 16-row block, four rows per vector: per pair of inputs, vld2 splits the 32 bytes
+   into each input's 16 rows (low nibbles: inputs 2p, 2p + 1; high: 64 + 2p, 65 + 2p), widened to int16 and
+   multiplied by the row's activation. Arithmetic as micro_generic.h's. */
+static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
+                        const float *xs, const float *xsum, int M, int K, float *out) {
+    for (int m0 = 0; m0 < M; m0 += 2) {
+        const int MT = M - m0 < 2 ? M - m0 : 2;
+        float32x4_t acc[2][4];
+        for (int m = 0; m < MT; m++)
+            for (int i = 0; i < 4; i++) acc[m][i] = vdupq_n_f32(0.f);
+        for (int g = 0; g < G; g++) {
+            const uint8_t *p = w + (size_t)g * 1024;
+            for (int o = 0; o < 1024; o += 256) __builtin_prefetch(p + 4096 + o);
+            int32x4_t a[2][4];  /* (input row, rows 4i ... 4i + 3) */
+            for (int m = 0; m < MT; m++)
+                for (int i = 0; i < 4; i++) a[m][i] = vdupq_n_s32(0);
+            for (int q = 0; q < 32; q++) {
+                const uint8x16x2_t b = vld2q_u8(p + 32 * q);
+                for (int t = 0; t < 2; t++) {
+                    const uint8x16_t lo = vandq_u8(b.val[t], vdupq_n_u8(15)), hi = vshrq_n_u8(b.val[t], 4);
+                    const int16x8_t l0 = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo))),
+                                    l1 = vreinterpretq_s16_u16(vmovl_high_u8(lo)),
+                                    h0 = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi))),
+                                    h1 = vreinterpretq_s16_u16(vmovl_high_u8(hi));
+                    for (int m = 0; m < MT; m++) {
+                        const int16_t *xg = xq + (size_t)(m0 + m) * K + g * 128;
+                        const int16_t xl = xg[2 * q + t], xh = xg[64 + 2 * q + t];
+                        a[m][0] = vmlal_n_s16(a[m][0], vget_low_s16(l0), xl);
+                        a[m][1] = vmlal_high_n_s16(a[m][1], l0, xl);
+                        a[m][2] = vmlal_n_s16(a[m][2], vget_low_s16(l1), xl);
+                        a[m][3] = vmlal_high_n_s16(a[m][3], l1, xl);
+                        a[m][0] = vmlal_n_s16(a[m][0], vget_low_s16(h0), xh);
+                        a[m][1] = vmlal_high_n_s16(a[m][1], h0, xh);
+                        a[m][2] = vmlal_n_s16(a[m][2], vget_low_s16(h1), xh);
+                        a[m][3] = vmlal_high_n_s16(a[m][3], h1, xh);
+                    }
+                }
+            }
+            const uint8x16_t zb = vld1q_u8(zero + g * 16);
+            const uint16x8_t z0 = vmovl_u8(vget_low_u8(zb)), z1 = vmovl_high_u8(zb);
+            const uint16x4_t zq[4] = {vget_low_u16(z0), vget_high_u16(z0), vget_low_u16(z1), vget_high_u16(z1)};
+            for (int i = 0; i < 4; i++) {
+                const float32x4_t sw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(scale + g * 16 + 4 * i)));
+                const float32x4_t z = vcvtq_f32_u32(vmovl_u16(zq[i]));
+                for (int m = 0; m < MT; m++) {
+                    const int mg = (m0 + m) * G + g;
+                    const float32x4_t f = vmulq_n_f32(sw, xs[mg]);
+                    const float32x4_t d = vfmsq_f32(vcvtq_f32_s32(a[m][i]), z, vdupq_n_f32(xsum[mg]));
+                    acc[m][i] = vfmaq_f32(acc[m][i], d, f);
+                }
+            }
+        }
+        for (int m = 0; m < MT; m++)
+            for (int i = 0; i < 4; i++) vst1q_f32(out + (m0 + m) * 16 + 4 * i, acc[m][i]);
+    }
+}
+
 /* The integer dot of 128 int16 levels q[16] (8 lanes each) with xg, in four int32 lanes. */
 static inline int32x4_t dot128(const int16x8_t q[16], const int16_t *xg) {
     int32x4_t a = vdupq_n_s32(0), b = vdupq_n_s32(0);
@@ -13,43 +70,6 @@ static inline int32x4_t dot128(const int16x8_t q[16], const int16_t *xg) {
         b = vmlal_high_s16(b, q[i], x);
     }
     return vaddq_s32(a, b);
-}
-
-/* One q4x4 row's group (64 bytes) as 16 vectors of 8 int16 levels: inputs 0-63 (low nibbles), then 64-127. */
-static inline void q4_unpack(const uint8_t *p, int16x8_t q[16]) {
-    for (int i = 0; i < 4; i++) {
-        const uint8x16_t b = vld1q_u8(p + 16 * i);
-        const uint8x16_t lo = vandq_u8(b, vdupq_n_u8(15)), hi = vshrq_n_u8(b, 4);
-        q[2 * i] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo)));
-        q[2 * i + 1] = vreinterpretq_s16_u16(vmovl_high_u8(lo));
-        q[8 + 2 * i] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi)));
-        q[8 + 2 * i + 1] = vreinterpretq_s16_u16(vmovl_high_u8(hi));
-    }
-}
-
-static void q4x4_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
-                       const float *xs, const float *xsum, int M, int K, float *out) {
-    float32x4_t acc[4][QK_MAX_M];
-    float corr[4][QK_MAX_M];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) { acc[r][m] = vdupq_n_f32(0.f); corr[r][m] = 0.f; }
-    for (int g = 0; g < G; g++) {
-        const uint8_t *p = w + (size_t)g * 256;
-        __builtin_prefetch(p + 2048);
-        for (int r = 0; r < 4; r++) {
-            int16x8_t q[16];
-            q4_unpack(p + r * 64, q);
-            const float sw = half_to_float(scale[g * 4 + r]), z = (float)zero[g * 4 + r];
-            for (int m = 0; m < M; m++) {
-                const int32x4_t a = dot128(q, xq + (size_t)m * K + g * 128);
-                const float f = sw * xs[m * G + g];
-                acc[r][m] = vfmaq_n_f32(acc[r][m], vcvtq_f32_s32(a), f);
-                corr[r][m] += f * z * xsum[m * G + g];
-            }
-        }
-    }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) out[m * 4 + r] = vaddvq_f32(acc[r][m]) - corr[r][m];
 }
 
 static void q8x4_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {

@@ -114,12 +114,13 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch
     return q, scales.t().contiguous(), zeros.t().contiguous()
 
 
-def q4x4_pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Levels q (N, K) uint8, scales and zeros (G, N) with groups of 128 -> the native kernels' q4x4 layout
-    (kernels.c): bytes (N/4, G, 4, 64), fp16 scales and uint8 zeros (N/4, G, 4)."""
+def q4x16_pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Levels q (N, K) uint8, scales and zeros (G, N) with groups of 128 -> the native kernels' q4x16 layout
+    (kernels.c): bytes (N/16, G, 32, 16, 2), fp16 scales and uint8 zeros (N/16, G, 16)."""
     N, K = q.shape
     G = K // 128
-    qg = q.view(N // 4, 4, G, 2, 64)
-    packed = (qg[:, :, :, 0] | (qg[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
-    meta = lambda t, dtype: t.t().reshape(N // 4, 4, G).transpose(1, 2).contiguous().to(dtype)
+    qg = q.view(N // 16, 16, G, 2, 32, 2)  # (block, row, group, half, pair, t)
+    packed = (qg[:, :, :, 0] | (qg[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # (block, group, pair, row, t)
+    packed = packed.contiguous()
+    meta = lambda t, dtype: t.t().reshape(N // 16, 16, G).transpose(1, 2).contiguous().to(dtype)
     return packed, meta(scales, torch.float16), meta(zeros, torch.uint8)

@@ -1,6 +1,6 @@
 """Linear layers swapped in at load time: quantized ones (AWQ, GPTQ) and ones whose weights are stored in 16 bits
 but computed in the activation dtype. Each quantized layer keeps the checkpoint's tensors until `prepare()` converts
-them for the kernel the load plan names (the native q4x4 kernels, torch's int4 CPU kernel, or the reference
+them for the kernel the load plan names (the native q4x16 kernels, torch's int4 CPU kernel, or the reference
 dequantize-then-matmul), where that kernel can take this layer's shape."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import awq_unpack, dequantize, gptq_unpack, q4x4_pack
+from .formats import awq_unpack, dequantize, gptq_unpack, q4x16_pack
 
 
 class UpcastLinear(nn.Module):
@@ -97,8 +97,8 @@ class QuantLinear(nn.Module):
         return dequantize(*self.unpacked())
 
     def prepare(self, kernel: str = "reference", kernels=None) -> None:
-        """Convert the checkpoint's tensors, once, after loading, for `kernel` (the load plan's choice: "q4x4" with
-        `kernels`, a qwen2vl.kernels.Kernels; "q4x4-float32", the same layout with every matmul dequantized to
+        """Convert the checkpoint's tensors, once, after loading, for `kernel` (the load plan's choice: "q4x16" with
+        `kernels`, a qwen2vl.kernels.Kernels; "q4x16-float32", the same layout with every matmul dequantized to
         float32; "int4_cpu", torch's kernel on bf16 activations; "reference") where it can take this layer's shape,
         else for the reference."""
         kernel, float32 = kernel.removesuffix("-float32"), kernel.endswith("-float32")
@@ -107,28 +107,28 @@ class QuantLinear(nn.Module):
         perm = torch.argsort(g_idx, stable=True)
         grouped = torch.equal(g_idx[perm], torch.arange(self.in_features, device=perm.device) // self.group_size)
         on_cpu = self.qweight.device.type == "cpu" and self.bits == 4 and grouped
-        if kernel == "q4x4" and kernels is not None and on_cpu and q4x4_fits(self.group_size, self.out_features,
+        if kernel == "q4x16" and kernels is not None and on_cpu and q4x16_fits(self.group_size, self.out_features,
                                                                               scales):
-            self._to_q4x4(q, scales, zeros, perm)
+            self._to_q4x16(q, scales, zeros, perm)
         elif kernel == "int4_cpu" and on_cpu and int4_cpu_fits(self.in_features, self.out_features, self.group_size):
             self._to_int4_cpu(q, scales, zeros, perm)
-        self.few, self.many = {"q4x4": (self.bulk_matmul if float32 else self._q4x4, self.bulk_matmul),
+        self.few, self.many = {"q4x16": (self.bulk_matmul if float32 else self._q4x16, self.bulk_matmul),
                                "reference": (self._reference,) * 2,
                                "int4_cpu": (self._int4_cpu, self.bulk_matmul if self.exact else self._int4_cpu)
                                }[self.kernel]
 
-    def _to_q4x4(self, q, scales, zeros, perm) -> None:
+    def _to_q4x16(self, q, scales, zeros, perm) -> None:
         # The native kernels' own streaming layout (no torch packing kept).
         ordered = not torch.equal(perm, torch.arange(len(perm), device=perm.device))
         self.register_buffer("perm", perm if ordered else None)
-        packed, sc, zr = q4x4_pack(q[:, perm] if ordered else q, scales, zeros)
+        packed, sc, zr = q4x16_pack(q[:, perm] if ordered else q, scales, zeros)
         for name in ("qweight", "qzeros", "g_idx", "scales"):
             if hasattr(self, name):
                 delattr(self, name)
         self.register_buffer("packed", packed)
         self.register_buffer("scales", sc)
         self.register_buffer("zeros", zr)
-        self.exact, self.kernel = True, "q4x4"
+        self.exact, self.kernel = True, "q4x16"
 
     def _to_int4_cpu(self, q, scales, zeros, perm) -> None:
         # torch's int4 CPU kernel computes W = (q - 8) * s + z per group, with bf16 activations
@@ -151,13 +151,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
-        """One layer (q4x4 or int4_cpu kernel) computing `parts` (same input) side by side, taking over their
+        """One layer (q4x16 or int4_cpu kernel) computing `parts` (same input) side by side, taking over their
         weights; None if they cannot be fused (other kernels, act-order, packing blocks straddling two parts)."""
         first = parts[0]
-        if first.kernel not in ("q4x4", "int4_cpu"):
+        if first.kernel not in ("q4x16", "int4_cpu"):
             return None
         layout = int4pack_layout()
-        block = 4 if first.kernel == "q4x4" else layout[0] if layout is not None else 0
+        block = 16 if first.kernel == "q4x16" else layout[0] if layout is not None else 0
         if not block or any(p.kernel != first.kernel or p.perm is not None or not p.exact
                             or p.out_features % block or p.group_size != first.group_size
                             or p.in_features != first.in_features or p.bulk_dtype != first.bulk_dtype
@@ -171,7 +171,7 @@ class QuantLinear(nn.Module):
                 delattr(fused, name)
         fused.register_buffer("perm", None)
         fused.packed = torch.cat([p.packed for p in parts])  # whole packing blocks per part, along N
-        if first.kernel == "q4x4":  # (N/4, G, 4)
+        if first.kernel == "q4x16":  # (N/16, G, 16)
             fused.scales, fused.zeros = (torch.cat([getattr(p, n) for p in parts]) for n in ("scales", "zeros"))
         else:  # (G, N)
             for name in ("scale_zero", "scales", "zeros"):
@@ -180,7 +180,7 @@ class QuantLinear(nn.Module):
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
         fused.exact, fused.kernel, fused.prepared, fused.kernels = True, first.kernel, True, first.kernels
         fused.few = fused.bulk_matmul if first.few == first.bulk_matmul else \
-            fused._q4x4 if first.kernel == "q4x4" else fused._int4_cpu
+            fused._q4x16 if first.kernel == "q4x16" else fused._int4_cpu
         fused.many = fused.bulk_matmul
         for p in parts:  # the parts keep their names (and shapes) but no longer hold weights
             for name in ("packed", "scale_zero", "scales", "zeros"):
@@ -200,8 +200,8 @@ class QuantLinear(nn.Module):
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype))
 
-    def _q4x4(self, x: torch.Tensor) -> torch.Tensor:  # int16-rounded activations (kernels.c)
-        return self.kernels.q4x4_gemv(x, self.packed, self.scales, self.zeros)
+    def _q4x16(self, x: torch.Tensor) -> torch.Tensor:  # int16-rounded activations (kernels.c)
+        return self.kernels.q4x16_gemv(x, self.packed, self.scales, self.zeros)
 
     def _int4_cpu(self, x: torch.Tensor) -> torch.Tensor:  # bf16 activations
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
@@ -211,8 +211,8 @@ class QuantLinear(nn.Module):
         """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized (natively where the
         plan gave kernels) into a reused buffer, in `bulk_dtype`, else by torch ops in x's dtype."""
         N, K = self.out_features, self.in_features
-        if self.kernel == "q4x4":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
-            wt = self.kernels.q4x4_dequant_t(self.packed, self.scales, self.zeros,
+        if self.kernel == "q4x16":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
+            wt = self.kernels.q4x16_dequant_t(self.packed, self.scales, self.zeros,
                                              _scratch(K * N, self.bulk_dtype).view(K, N))
             return torch.mm(x.to(wt.dtype), wt)
         B = int4pack_layout()[0]
@@ -253,9 +253,9 @@ def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return w.view(N, K)
 
 
-def q4x4_fits(group_size: int, out_features: int, scales: torch.Tensor) -> bool:
-    """Where the q4x4 layout holds a layer exactly: groups of 128, fp16-exact scales (AWQ/GPTQ store fp16)."""
-    return (group_size == 128 and out_features % 4 == 0
+def q4x16_fits(group_size: int, out_features: int, scales: torch.Tensor) -> bool:
+    """Where the q4x16 layout holds a layer exactly: groups of 128, fp16-exact scales (AWQ/GPTQ store fp16)."""
+    return (group_size == 128 and out_features % 16 == 0
             and torch.equal(scales.half().float(), scales.float()))
 
 
