@@ -19,7 +19,7 @@ int main(void) {
     enum { N = 208, K = 384, G = K / 128, M = 3 };
     static uint8_t w4[N * G * 64], z4[N * G];
     static uint16_t s4[N * G];
-    static int8_t w8[N / 4 * (K / 64) * 256];
+    static int8_t w8[N * K];
     static float s8[N], x[M * K], y[M * N], wt[K * N];
     for (size_t i = 0; i < sizeof w4; i++) w4[i] = (uint8_t)(rnd() * 128 + 128);
     for (size_t i = 0; i < sizeof z4; i++) z4[i] = (uint8_t)(rnd() * 8 + 8);
@@ -32,8 +32,8 @@ int main(void) {
     show("q4x16_m1", y, N);
     q4x16_gemv(x, M, K, N, w4, s4, z4, y, 2);
     show("q4x16_m3", y, M * N);
-    q8x4_gemv(x, M, K, N, w8, s8, y, 2);
-    show("q8x4_m3", y, M * N);
+    q8x16_gemv(x, M, K, N, w8, s8, y, 2);
+    show("q8x16_m3", y, M * N);
     q4x16_dequant_t(w4, s4, z4, N, K, wt, 0, 2);
     show("dequant_f32", wt, K * N);
 

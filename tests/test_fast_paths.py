@@ -10,14 +10,14 @@ import torch
 from qwen2vl import kernels
 from qwen2vl.cpu import PackedLinear, ScanHead
 from qwen2vl.cpu import head as head_module
-from qwen2vl.quant.formats import dequantize, q4x16_pack
+from qwen2vl.quant.formats import dequantize, q4x16_pack, q8x16_pack
 from qwen2vl.rope import vision_cos_sin
 from qwen2vl.vision import quick_gelu, rotate_qk
 
 
 @pytest.fixture(params=["native", "torch"])
 def scan_backend(request):
-    """The head's scan through the native q8x4 kernel (this CPU's best level), or torch's int8 kernel."""
+    """The head's scan through the native q8x16 kernel (this CPU's best level), or torch's int8 kernel."""
     if request.param == "native" and kernels.load() is None:
         pytest.skip("the native kernels need a C compiler (and QWEN2VL_NATIVE not 0)")
     return kernels.load() if request.param == "native" else None
@@ -89,16 +89,16 @@ def test_scan_head_many_rows_is_exact():
     assert torch.allclose(head(x), x @ w.float().t(), atol=1e-5)
 
 
-def test_q8x4_gemv_matches_reference(native):
+def test_q8x16_gemv_matches_reference(native):
     g = torch.Generator().manual_seed(0)
-    N, K = 520, 384
+    N, K = 528, 384
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     s = torch.rand(N, generator=g) * 1e-3
-    layout = q.view(N // 4, 4, K // 64, 64).transpose(1, 2).contiguous()
+    layout = q8x16_pack(q)
     for M in (1, 5, 16):
         x = torch.randn(M, K, generator=g)
         ref = x.double() @ (q.double() * s.double()[:, None]).t()
-        y = native.q8x4_gemv(x, layout, s)
+        y = native.q8x16_gemv(x, layout, s)
         # activations rounded to int16 per 128 inputs: relative error ~2^-16
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
 

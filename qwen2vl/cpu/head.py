@@ -2,7 +2,7 @@
 candidates, with a proof that the greedy choice is the exact one.
 
 The 151936 x 1536 head is a quarter of the weights read per decoded token. Its 16-bit weights (tied to the
-embeddings, read from the file on demand) are also kept as int8 rows with one scale each (the native q8x4 kernel, or
+embeddings, read from the file on demand) are also kept as int8 rows with one scale each (the native q8x16 kernel, or
 torch's int8 weight-only kernel without native kernels: half the bytes). Per row of input:
   1. approximate logits of every token from the int8 copy;
   2. exact logits (float32 from the 16-bit weights) of the top REFINE tokens, written over their approximations;
@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from ..quant.formats import q8x16_pack
 
 
 REFINE = 128  # tokens refined exactly per row, first try
@@ -48,11 +50,11 @@ class ScanHead(nn.Module):
         self.quantize(rows[r0:r0 + CHUNK_ROWS] for r0 in range(0, rows.shape[0], CHUNK_ROWS))
 
     def quantize(self, rows: Iterator[torch.Tensor]) -> None:
-        """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 4 rows."""
+        """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 16 rows."""
         V, D = self.weight.shape
-        self.native = self.kernels is not None and V % 4 == 0 and D % 128 == 0
-        # native: float32 scales, rows interleaved 4 at a time (kernels.c "q8x4"); torch's kernel: bf16 scales.
-        self.q8 = torch.empty(V // 4, D // 64, 4, 64, dtype=torch.int8) if self.native else \
+        self.native = self.kernels is not None and V % 16 == 0 and D % 128 == 0
+        # native: float32 scales, rows interleaved 16 at a time (kernels.c "q8x16"); torch's kernel: bf16 scales.
+        self.q8 = torch.empty(V // 16, D // 128, 64, 16, 2, dtype=torch.int8) if self.native else \
             torch.empty(V, D, dtype=torch.int8)
         self.scale = torch.empty(V, dtype=torch.float32 if self.native else torch.bfloat16)
         r0 = 0
@@ -64,7 +66,7 @@ class ScanHead(nn.Module):
             s = torch.where(s.float() * 127 < amax, torch.nextafter(s, torch.full_like(s, 1e30)), s)
             q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
             if self.native:
-                self.q8[r0 // 4:(r0 + n) // 4] = q.view(n // 4, 4, D // 64, 64).transpose(1, 2)
+                self.q8[r0 // 16:(r0 + n) // 16] = q8x16_pack(q)
             else:
                 self.q8[r0:r0 + n] = q
             self.scale[r0:r0 + n] = s
@@ -76,7 +78,7 @@ class ScanHead(nn.Module):
         """Approximate logits (M, V) of x (M, D), and the terms of their error bound: token t of row m is off by at
         most scale[t] * c[m] + |approx| * rel + abs (returned as approx, c (M, 1), rel, abs)."""
         if self.native:
-            approx = self.kernels.q8x4_gemv(x, self.q8, self.scale)
+            approx = self.kernels.q8x16_gemv(x, self.q8, self.scale)
             # weights: s/2 |x|_1; activations rounded to int16 per 128 (kernels.c): 127 s D max|x| / 65534;
             # float32 sums: relative 1e-4.
             D = x.shape[-1]
@@ -93,8 +95,9 @@ class ScanHead(nn.Module):
 
     def exact(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits from the 16-bit weights: all tokens (x (M, D) -> (M, V)), or `rows` (M, R) -> (M, R)."""
-        if rows is not None:
-            return torch.einsum("mrd,md->mr", self.weight[rows].to(x.dtype), x)
+        if rows is not None:  # each distinct row read once for all of x's rows (batched rows share many)
+            uniq, inv = rows.unique(return_inverse=True)
+            return (self.weight[uniq].to(x.dtype) @ x.t()).t().gather(1, inv)
         out = x.new_empty(x.shape[0], self.weight.shape[0])
         for r0 in range(0, self.weight.shape[0], CHUNK_ROWS):
             w = self.weight[r0:r0 + CHUNK_ROWS]

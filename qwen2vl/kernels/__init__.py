@@ -149,7 +149,7 @@ class Kernels:
             "q4pack_dequant_t": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _I],
             "q4x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
             "q4x16_dequant_t": [_P, _P, _P, _I, _I, _P, _I, _I],
-            "q8x4_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
+            "q8x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
             "rotary_qk": [_P, _I, _I, _I, _P, _P, _I, _I],
             "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
@@ -175,14 +175,14 @@ class Kernels:
                                   out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
-    def q8x4_gemv(self, x: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x (M, K), M <= 16 -> (M, N) float32 = x W^T, W = q * scale[row] in the q8x4 layout (N/4, K/64, 4, 64)."""
+    def q8x16_gemv(self, x: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (M, K), M <= 16 -> (M, N) float32 = x W^T, W = q * scale[row] in the q8x16 layout (formats.q8x16_pack)."""
         M, K = x.shape
-        N = q8.shape[0] * 4
-        assert M <= 16 and q8.shape[1:] == (K // 64, 4, 64) and scale.shape == (N,) and scale.dtype == torch.float32
+        N = q8.shape[0] * 16
+        assert M <= 16 and q8.shape[1:] == (K // 128, 64, 16, 2) and scale.shape == (N,) and scale.dtype == torch.float32
         x = x.float().contiguous()
         y = torch.empty(M, N)
-        self.lib.q8x4_gemv(x.data_ptr(), M, K, N, q8.data_ptr(), scale.data_ptr(), y.data_ptr(),
+        self.lib.q8x16_gemv(x.data_ptr(), M, K, N, q8.data_ptr(), scale.data_ptr(), y.data_ptr(),
                            torch.get_num_threads())
         return y
 

@@ -12,7 +12,8 @@
      64 + 2p + t (high); per (block, group, row) an fp16 scale and a uint8 zero point: W = (q - zero) * scale.
      A vector's lanes are output rows: one load gives 16 rows' weights for two inputs, which multiply one broadcast
      pair of activations, and the per-group scaling is one vector operation for 16 rows.
-   - "q8x4": signed bytes (N/4, K/64, 4, 64), 4 rows interleaved 64 inputs at a time, a float32 scale per row.
+   - "q8x16": signed bytes (N/16, K/128, 64, 16, 2): for a block of 16 output rows and a group of 128 inputs, the
+     16 rows' bytes of input pair p (32 bytes), byte (r, t) holding row r's input 2p + t; a float32 scale per row.
    - torch's CPU int4 packing (aten._convert_weight_to_int4pack_for_cpu) stores an (N, K) level matrix as blocks of
      B output rows: bytes (N/B, K, B/2), byte j of (block, k) holding row j (low nibble) and row j + B/2 (high).
 
@@ -117,7 +118,7 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The ISA's microkernels: q4x16_block (one 16-row block of a decode-sized matmul), q8x4_block (one 4-row block),
+   The ISA's microkernels: q4x16_block and q8x16_block (one 16-row block of a decode-sized matmul),
    the ISA's name and, where it has one (QK_HAVE_TILE64), its own dequant_tile64 (64 rows of one group of W^T from
    q4x16).
    ------------------------------------------------------------------------------------------------------------ */
@@ -184,15 +185,15 @@ void q4x16_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uin
     xquant_free(&q);
 }
 
-/* y (M, N) = x (M, K) W^T for the q8x4 layout; K % 128 == 0, N % 4 == 0, M <= 16. */
-void q8x4_gemv(const float *x, int M, int K, int N, const int8_t *w, const float *scale, float *y, int threads) {
+/* y (M, N) = x (M, K) W^T for the q8x16 layout; K % 128 == 0, N % 16 == 0, M <= 16. */
+void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const float *scale, float *y, int threads) {
     xquant_t q = xquant(x, M, K);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int blk = 0; blk < N / 4; blk++) {
-        float out[4 * QK_MAX_M];
-        q8x4_block(w + (size_t)blk * (K / 64) * 256, K / 128, q.q, q.s, M, K, out);
+    for (int blk = 0; blk < N / 16; blk++) {
+        float out[16 * QK_MAX_M];
+        q8x16_block(w + (size_t)blk * (K / 128) * 2048, K / 128, q.q, q.s, M, K, out);
         for (int m = 0; m < M; m++)
-            for (int r = 0; r < 4; r++) y[(size_t)m * N + blk * 4 + r] = out[m * 4 + r] * scale[blk * 4 + r];
+            for (int r = 0; r < 16; r++) y[(size_t)m * N + blk * 16 + r] = out[m * 16 + r] * scale[blk * 16 + r];
     }
     xquant_free(&q);
 }

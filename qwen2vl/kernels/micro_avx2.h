@@ -11,12 +11,6 @@ static inline __m256i dot16(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-static inline float hsum256(__m256 v) {
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 /* Up to two input rows (MT, a constant once inlined) against a 16-row block, eight rows per vector: per pair of
    inputs, 16 bytes give eight rows' levels (low nibbles: inputs 2p, 2p + 1; high: 64 + 2p, 65 + 2p), each multiplied
    by one broadcast pair of the row's activations. Arithmetic as micro_generic.h's. */
@@ -72,30 +66,38 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
     }
 }
 
-/* A q8x4 row's group (two 64-input chunks) as 8 vectors of 16 int16: inputs 16i ... 16i + 15. */
-static inline __m256i dot128(const __m256i q[8], const int16_t *xg) {
-    __m256i a = _mm256_setzero_si256();
-    for (int i = 0; i < 8; i++) a = dot16(a, q[i], _mm256_loadu_si256((const __m256i *)(xg + 16 * i)));
-    return a;
-}
-
-static void q8x4_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
-    __m256 acc[4][QK_MAX_M];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
+/* Up to two input rows against a 16-row q8x16 block, eight rows per vector. */
+static inline __attribute__((always_inline)) void q8x16_tile(const int8_t *w, int G, const int16_t *xq,
+                                                             const float *xs, int K, const int MT, float *out) {
+    __m256 acc[2][2];  /* (input row, half of the block) */
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
-        const int8_t *p = w + (size_t)2 * g * 256;
-        for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
-        for (int r = 0; r < 4; r++) {
-            __m256i q[8];
-            for (int i = 0; i < 8; i++)  /* inputs 16i ... 16i + 15: chunk i / 4 of the group */
-                q[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + (i / 4) * 256 + r * 64 + 16 * (i % 4))));
-            for (int m = 0; m < M; m++) {
-                const __m256i a = dot128(q, xq + (size_t)m * K + g * 128);
-                acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(xs[m * G + g]), acc[r][m]);
+        const int8_t *p = w + (size_t)g * 2048;
+        for (int o = 0; o < 2048; o += 64) _mm_prefetch((const char *)p + 4096 + o, _MM_HINT_T0);
+        __m256i a[2][2];
+        for (int m = 0; m < MT; m++) a[m][0] = a[m][1] = _mm256_setzero_si256();
+        for (int q = 0; q < 64; q++) {
+            for (int h = 0; h < 2; h++) {
+                const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 32 * q + 16 * h)));
+                for (int m = 0; m < MT; m++) {
+                    int32_t xp;
+                    memcpy(&xp, xq + (size_t)m * K + g * 128 + 2 * q, 4);
+                    a[m][h] = dot16(a[m][h], b, _mm256_set1_epi32(xp));
+                }
             }
         }
+        for (int m = 0; m < MT; m++)
+            for (int h = 0; h < 2; h++)
+                acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][h]), _mm256_set1_ps(xs[m * G + g]), acc[m][h]);
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) out[m * 4 + r] = hsum256(acc[r][m]);
+    for (int m = 0; m < MT; m++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(out + 16 * m + 8 * h, acc[m][h]);
+}
+
+static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
+    for (int m0 = 0; m0 < M; m0 += 2) {
+        const int16_t *x = xq + (size_t)m0 * K;
+        if (M - m0 >= 2) q8x16_tile(w, G, x, xs + m0 * G, K, 2, out + m0 * 16);
+        else q8x16_tile(w, G, x, xs + m0 * G, K, 1, out + m0 * 16);
+    }
 }

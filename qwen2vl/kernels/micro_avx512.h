@@ -12,14 +12,6 @@ static inline __m512i dot16(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 
-/* The integer dot product of 128 weights (four vectors of 32 int16, inputs 0-31, 32-63, 64-95, 96-127) with xg. */
-static inline __m512i dot128(__m512i w0, __m512i w1, __m512i w2, __m512i w3, const int16_t *xg) {
-    __m512i a = dot16(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xg));
-    a = dot16(a, w1, _mm512_loadu_si512(xg + 32));
-    a = dot16(a, w2, _mm512_loadu_si512(xg + 64));
-    return dot16(a, w3, _mm512_loadu_si512(xg + 96));
-}
-
 /* kernels.c's quantize_group in vectors, with the same results: max |v| ignores NaN as fmaxf does, and the
    conversion rounds to nearest even as lrintf does. */
 #define QK_HAVE_QUANTIZE_GROUP 1
@@ -101,27 +93,49 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
     }
 }
 
-/* out[m * 4 + r] = the integer-exact dot of q8x4 row r with x_m, scaled per group by xs (not by the row's scale). */
-static void q8x4_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
-    __m512 acc[4][QK_MAX_M];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+/* Up to four input rows against a 16-row q8x16 block: per pair of inputs, one load gives the 16 rows' weights, each
+   multiplied by one broadcast pair of every row's activations (four integer chains for one row, two for more). */
+static inline __attribute__((always_inline)) void q8x16_tile(const int8_t *w, int G, const int16_t *xq,
+                                                             const float *xs, int K, const int MT, float *out) {
+    const int C = MT == 1 ? 4 : 2;
+    __m512 acc[4];
+    for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
-        const int8_t *p = w + (size_t)2 * g * 256;  /* two 64-input chunks per group */
-        for (int o = 0; o < 512; o += 64) _mm_prefetch((const char *)p + 2048 + o, _MM_HINT_T0);
-        for (int r = 0; r < 4; r++) {
-            const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64)));
-            const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + r * 64 + 32)));
-            const __m512i v2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 256 + r * 64)));
-            const __m512i v3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 256 + r * 64 + 32)));
-            for (int m = 0; m < M; m++) {
-                const __m512i a = dot128(v0, v1, v2, v3, xq + (size_t)m * K + g * 128);
-                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[m * G + g]), acc[r][m]);
+        const int8_t *p = w + (size_t)g * 2048;
+        for (int o = 0; o < 2048; o += 64) _mm_prefetch((const char *)p + 4096 + o, _MM_HINT_T0);
+        __m512i a[4][4];
+        for (int m = 0; m < MT; m++)
+            for (int c = 0; c < C; c++) a[m][c] = _mm512_setzero_si512();
+        for (int q = 0; q < 64; q += 4) {
+            #pragma GCC unroll 4
+            for (int h = 0; h < 4; h++) {
+                const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32 * (q + h))));
+                for (int m = 0; m < MT; m++) {
+                    int32_t xp;
+                    memcpy(&xp, xq + (size_t)m * K + g * 128 + 2 * (q + h), 4);
+                    a[m][h % C] = dot16(a[m][h % C], b, _mm512_set1_epi32(xp));
+                }
             }
         }
+        for (int m = 0; m < MT; m++) {
+            __m512i s = _mm512_add_epi32(a[m][0], a[m][1]);
+            if (C == 4) s = _mm512_add_epi32(s, _mm512_add_epi32(a[m][2], a[m][3]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xs[m * G + g]), acc[m]);
+        }
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) out[m * 4 + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
+static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int16_t *x = xq + (size_t)m0 * K;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: q8x16_tile(w, G, x, xs + m0 * G, K, 4, out + m0 * 16); break;
+            case 3: q8x16_tile(w, G, x, xs + m0 * G, K, 3, out + m0 * 16); break;
+            case 2: q8x16_tile(w, G, x, xs + m0 * G, K, 2, out + m0 * 16); break;
+            default: q8x16_tile(w, G, x, xs + m0 * G, K, 1, out + m0 * 16); break;
+        }
+    }
 }
 
 static inline __m256i to_bf16_512(__m512 f) {  /* 16 floats -> 16 bf16, rounded as to_bf16 */

@@ -26,16 +26,17 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
     }
 }
 
-static void q8x4_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
-    for (int i = 0; i < 4 * M; i++) out[i] = 0.f;
+/* out[m * 16 + r] = the integer-exact dot of q8x16 row r with x_m, scaled per group by xs (not by the row's scale). */
+static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
+    for (int i = 0; i < 16 * M; i++) out[i] = 0.f;
     for (int g = 0; g < G; g++) {
-        const int8_t *p = w + (size_t)2 * g * 256;
-        for (int r = 0; r < 4; r++)
+        const int8_t *p = w + (size_t)g * 2048;
+        for (int r = 0; r < 16; r++)
             for (int m = 0; m < M; m++) {
                 const int16_t *xg = xq + (size_t)m * K + g * 128;
                 int32_t a = 0;
-                for (int j = 0; j < 64; j++) a += (int32_t)p[r * 64 + j] * xg[j] + (int32_t)p[256 + r * 64 + j] * xg[64 + j];
-                out[m * 4 + r] = MADD((float)a, xs[m * G + g], out[m * 4 + r]);
+                for (int j = 0; j < 128; j++) a += (int32_t)p[(j / 2) * 32 + 2 * r + j % 2] * xg[j];
+                out[m * 16 + r] = MADD((float)a, xs[m * G + g], out[m * 16 + r]);
             }
     }
 }

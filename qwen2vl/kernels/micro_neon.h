@@ -61,37 +61,38 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
     }
 }
 
-/* The integer dot of 128 int16 levels q[16] (8 lanes each) with xg, in four int32 lanes. */
-static inline int32x4_t dot128(const int16x8_t q[16], const int16_t *xg) {
-    int32x4_t a = vdupq_n_s32(0), b = vdupq_n_s32(0);
-    for (int i = 0; i < 16; i++) {
-        const int16x8_t x = vld1q_s16(xg + 8 * i);
-        a = vmlal_s16(a, vget_low_s16(q[i]), vget_low_s16(x));
-        b = vmlal_high_s16(b, q[i], x);
-    }
-    return vaddq_s32(a, b);
-}
-
-static void q8x4_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
-    float32x4_t acc[4][QK_MAX_M];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = vdupq_n_f32(0.f);
-    for (int g = 0; g < G; g++) {
-        const int8_t *p = w + (size_t)2 * g * 256;
-        __builtin_prefetch(p + 2048);
-        for (int r = 0; r < 4; r++) {
-            int16x8_t q[16];
-            for (int i = 0; i < 8; i++) {  /* inputs 16i ... 16i + 15: chunk i / 4 of the group */
-                const int8x16_t b = vld1q_s8(p + (i / 4) * 256 + r * 64 + 16 * (i % 4));
-                q[2 * i] = vmovl_s8(vget_low_s8(b));
-                q[2 * i + 1] = vmovl_high_s8(b);
+/* Up to two input rows against a 16-row q8x16 block: vld2 splits each pair's 32 bytes into its two inputs' 16 rows,
+   widened to int16 and multiplied by the row's activation. */
+static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
+    for (int m0 = 0; m0 < M; m0 += 2) {
+        const int MT = M - m0 < 2 ? M - m0 : 2;
+        float32x4_t acc[2][4];
+        for (int m = 0; m < MT; m++)
+            for (int i = 0; i < 4; i++) acc[m][i] = vdupq_n_f32(0.f);
+        for (int g = 0; g < G; g++) {
+            const int8_t *p = w + (size_t)g * 2048;
+            for (int o = 0; o < 2048; o += 256) __builtin_prefetch(p + 4096 + o);
+            int32x4_t a[2][4];
+            for (int m = 0; m < MT; m++)
+                for (int i = 0; i < 4; i++) a[m][i] = vdupq_n_s32(0);
+            for (int q = 0; q < 64; q++) {
+                const int8x16x2_t b = vld2q_s8(p + 32 * q);
+                for (int t = 0; t < 2; t++) {
+                    const int16x8_t v0 = vmovl_s8(vget_low_s8(b.val[t])), v1 = vmovl_high_s8(b.val[t]);
+                    for (int m = 0; m < MT; m++) {
+                        const int16_t xv = xq[(size_t)(m0 + m) * K + g * 128 + 2 * q + t];
+                        a[m][0] = vmlal_n_s16(a[m][0], vget_low_s16(v0), xv);
+                        a[m][1] = vmlal_high_n_s16(a[m][1], v0, xv);
+                        a[m][2] = vmlal_n_s16(a[m][2], vget_low_s16(v1), xv);
+                        a[m][3] = vmlal_high_n_s16(a[m][3], v1, xv);
+                    }
+                }
             }
-            for (int m = 0; m < M; m++) {
-                const int32x4_t a = dot128(q, xq + (size_t)m * K + g * 128);
-                acc[r][m] = vfmaq_n_f32(acc[r][m], vcvtq_f32_s32(a), xs[m * G + g]);
-            }
+            for (int m = 0; m < MT; m++)
+                for (int i = 0; i < 4; i++)
+                    acc[m][i] = vfmaq_n_f32(acc[m][i], vcvtq_f32_s32(a[m][i]), xs[(m0 + m) * G + g]);
         }
+        for (int m = 0; m < MT; m++)
+            for (int i = 0; i < 4; i++) vst1q_f32(out + (m0 + m) * 16 + 4 * i, acc[m][i]);
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < M; m++) out[m * 4 + r] = vaddvq_f32(acc[r][m]);
 }

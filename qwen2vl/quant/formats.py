@@ -124,3 +124,10 @@ def q4x16_pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tu
     packed = packed.contiguous()
     meta = lambda t, dtype: t.t().reshape(N // 16, 16, G).transpose(1, 2).contiguous().to(dtype)
     return packed, meta(scales, torch.float16), meta(zeros, torch.uint8)
+
+
+def q8x16_pack(q: torch.Tensor) -> torch.Tensor:
+    """Signed levels q (N, K) int8, K % 128 == 0 and N % 16 == 0 -> the native kernels' q8x16 layout (kernels.c):
+    bytes (N/16, K/128, 64, 16, 2)."""
+    N, K = q.shape
+    return q.view(N // 16, 16, K // 128, 64, 2).permute(0, 2, 3, 1, 4).contiguous()
