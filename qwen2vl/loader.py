@@ -77,9 +77,11 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
     if isinstance(module.lm_head, ScanHead):
         # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader):
         # the loaded mapping is dropped, so its pages never count in RSS.
-        head_rows = RowReader.open(ckpt, ("lm_head.weight",) + (tied[1:] if tied else ()))
+        gather = kernels.read_rows if kernels is not None else None
+        head_rows = RowReader.open(ckpt, ("lm_head.weight",) + (tied[1:] if tied else ()), gather)
         module.lm_head.use_rows(head_rows)
-        module.model.embed_tokens.use_rows(head_rows if tied else RowReader.open(ckpt, ("model.embed_tokens.weight",)))
+        module.model.embed_tokens.use_rows(head_rows if tied else
+                                           RowReader.open(ckpt, ("model.embed_tokens.weight",), gather))
     release_workers()  # whichever thread generates next should own the only OpenMP pool (cpu/threads.py)
     budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
     processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() else None

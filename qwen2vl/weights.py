@@ -94,17 +94,19 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, str]]:
 class RowReader:
     """A 2-D tensor of a safetensors file (an embedding table) whose rows are read on demand with pread, into fresh
     memory. Not memory-mapped: a mapping's fault-around keeps ~64 KB around every row read resident, which grew the
-    2B model's RSS by ~0.4 GB over one 1024-token prompt. `reader[ids]` is `table[ids]`; `reader[a:b]` a block."""
+    2B model's RSS by ~0.4 GB over one 1024-token prompt. `reader[ids]` is `table[ids]`; `reader[a:b]` a block.
+    `gather` (kernels.Kernels.read_rows, where the plan has native kernels) reads a batch of rows in one call instead
+    of a pread per row from Python."""
 
     _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, int], dtype: torch.dtype):
-        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int], dtype: torch.dtype, gather=None):
+        self.path, self.offset, self.shape, self.dtype, self.gather = path, offset, shape, dtype, gather
         self.row_bytes = shape[1] * dtype.itemsize
         self.fd = os.open(path, os.O_RDONLY)
 
     @classmethod
-    def open(cls, ckpt: Path, names: tuple[str, ...]) -> "RowReader":
+    def open(cls, ckpt: Path, names: tuple[str, ...], gather=None) -> "RowReader":
         """The first of `names` (canonical) in the checkpoint. Offsets come from the safetensors header: an 8-byte
         little-endian length, then JSON with each tensor's dtype, shape and data_offsets from the header's end."""
         found = {name: (f, key) for name, f, key in iter_tensors(safetensors_files(ckpt))}
@@ -117,7 +119,7 @@ class RowReader:
             meta = json.loads(fh.read(n))[key]
         if meta["dtype"] not in cls._DTYPES or len(meta["shape"]) != 2:
             raise CheckpointError(f"{name} in {f.name}: expected a 2-D float tensor, got {meta['dtype']} {meta['shape']}")
-        return cls(f, 8 + n + meta["data_offsets"][0], tuple(meta["shape"]), cls._DTYPES[meta["dtype"]])
+        return cls(f, 8 + n + meta["data_offsets"][0], tuple(meta["shape"]), cls._DTYPES[meta["dtype"]], gather)
 
     def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
         if isinstance(idx, slice):
@@ -126,12 +128,19 @@ class RowReader:
             out = torch.empty(max(r1 - r0, 0), self.shape[1], dtype=self.dtype)
             self._read(memoryview(out.view(torch.uint8).numpy()).cast("B"), self.offset + r0 * self.row_bytes)
             return out
-        rows = idx.reshape(-1).tolist()
+        rows = idx.reshape(-1)
+        bad = (rows < 0) | (rows >= self.shape[0])
+        if bad.any():
+            raise IndexError(f"row {int(rows[bad][0])} out of range for {self.shape[0]} rows")
         out = torch.empty(len(rows), self.shape[1], dtype=self.dtype)
+        if self.gather is not None:
+            try:
+                self.gather(self.fd, self.offset, self.row_bytes, rows, out.view(torch.uint8))
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: {e} (truncated file?)") from None
+            return out.view(*idx.shape, self.shape[1])
         buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        for i, r in enumerate(rows):
-            if not 0 <= r < self.shape[0]:
-                raise IndexError(f"row {r} out of range for {self.shape[0]} rows")
+        for i, r in enumerate(rows.tolist()):
             self._read(buf[i * self.row_bytes:(i + 1) * self.row_bytes], self.offset + r * self.row_bytes)
         return out.view(*idx.shape, self.shape[1])
 

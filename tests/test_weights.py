@@ -174,17 +174,25 @@ def test_hub_id_offline_without_cache_is_a_clear_error(tmp_path):
     assert "not in the local cache" in last and "offline" in last and "hf download" in last
 
 
-def test_row_reader_reads_rows_like_indexing(tmp_path):
+@pytest.mark.parametrize("gather", ["python", "native"])
+def test_row_reader_reads_rows_like_indexing(tmp_path, gather):
     """RowReader (pread, no mapping) returns what indexing the loaded tensor returns: gathered rows of any index
-    shape, blocks, a tensor stored second in the file; a bad row is an IndexError."""
+    shape, blocks, a tensor stored second in the file; a bad row is an IndexError; a file shorter than its header
+    says is a CheckpointError. Rows read one pread at a time from Python, or in one native call."""
     from safetensors.torch import save_file
 
+    from qwen2vl import kernels
     from qwen2vl.weights import RowReader
 
+    native = kernels.load() if gather == "native" else None
+    if gather == "native" and native is None:
+        pytest.skip("the native kernels need a C compiler (and QWEN2VL_NATIVE not 0)")
+    read = native.read_rows if native is not None else None
     g = torch.Generator().manual_seed(0)
     first, table = torch.randn(3, 5, generator=g), torch.randn(37, 16, generator=g).half()
     save_file({"a.first": first, "model.embed_tokens.weight": table}, str(tmp_path / "model.safetensors"))
-    rows = RowReader.open(tmp_path, ("lm_head.weight", "model.embed_tokens.weight"))
+    rows = RowReader.open(tmp_path, ("lm_head.weight", "model.embed_tokens.weight"), read)
+    assert (rows.gather is None) == (gather == "python")
     assert rows.shape == (37, 16) and rows.dtype == torch.float16
     ids = torch.tensor([[5, 0, 36], [5, 7, 1]])
     assert torch.equal(rows[ids], table[ids])
@@ -193,3 +201,7 @@ def test_row_reader_reads_rows_like_indexing(tmp_path):
         rows[torch.tensor([37])]
     with pytest.raises(CheckpointError):
         RowReader.open(tmp_path, ("lm_head.weight",))
+    short = RowReader(rows.path, rows.offset, (1000, 16), torch.float16, read)  # rows past the file's end
+    assert torch.equal(short[torch.tensor([2])], table[[2]])
+    with pytest.raises(CheckpointError, match="truncated"):
+        short[torch.tensor([2, 999])]

@@ -159,6 +159,8 @@ class Kernels:
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
+        lib.read_rows.argtypes = [_I, ctypes.c_longlong, ctypes.c_longlong, _P, _I, _P, _I]
+        lib.read_rows.restype = ctypes.c_int
         lib.kernels_isa.restype = ctypes.c_char_p
         self.isa = lib.kernels_isa().decode()
 
@@ -244,6 +246,15 @@ class Kernels:
         self.lib.vit_attention_bf16(qkv.data_ptr(), N, H, D, segment, out.data_ptr(), D ** -0.5,
                                     torch.get_num_threads())
         return out
+
+    def read_rows(self, fd: int, offset: int, row_bytes: int, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """out (n, row_bytes) uint8 = rows `rows` (n,) of a table of row_bytes-byte rows at `offset` of the open file
+        fd (pread). Raises OSError if a read fails or the file ends early."""
+        rows = rows.to(torch.int64).contiguous()
+        assert out.dtype == torch.uint8 and out.is_contiguous() and out.numel() == len(rows) * row_bytes
+        if self.lib.read_rows(fd, offset, row_bytes, rows.data_ptr(), len(rows), out.data_ptr(),
+                              torch.get_num_threads()):
+            raise OSError(f"reading {len(rows)} rows of {row_bytes} bytes at offset {offset} failed")
 
     def awq_unpack_t(self, qweight: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
         """An AWQ GEMM qweight (K, N/8) int32 on CPU -> the levels q (N, K) uint8, transposed."""

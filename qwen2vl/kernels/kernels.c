@@ -24,6 +24,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
 
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
 #define MADD(a, b, c) fmaf((a), (b), (c))  /* one rounding, in hardware */
@@ -287,6 +289,25 @@ void awq_unpack_t(const uint32_t *qw, int K, int N, const int *order, uint8_t *q
             for (int r = 0; r < 8 * (c1 - c0); r++) memcpy(q + (size_t)(8 * c0 + r) * K + k0, t[r], k1 - k0);
         }
     }
+}
+
+/* out (n, row_bytes) = rows[i] of a table at byte `offset` of the open file fd, one pread per row, in parallel: the
+   LM head's exact rows, a few hundred scattered rows per decode step. Returns 0, or -1 if a read failed or the file
+   ended early. */
+int read_rows(int fd, long long offset, long long row_bytes, const int64_t *rows, int n, uint8_t *out, int threads) {
+    int bad = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
+    for (int i = 0; i < n; i++) {
+        long long done = 0;
+        while (done < row_bytes && !bad) {
+            const ssize_t r = pread(fd, out + (size_t)i * row_bytes + done, (size_t)(row_bytes - done),
+                                    (off_t)(offset + rows[i] * row_bytes + done));
+            if (r > 0) done += r;
+            else if (r < 0 && errno == EINTR) continue;
+            else bad = 1;
+        }
+    }
+    return bad ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
