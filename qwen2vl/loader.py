@@ -12,7 +12,8 @@ import torch
 from .config import Qwen2VLConfig
 from .cpu import Plan, ScanHead, decide, swap_after_load
 from .cpu.threads import release_workers
-from .memory import return_freed_memory
+from .errors import CheckpointError
+from .memory import return_freed_memory, trim
 from .model import Qwen2VLModel
 from .processor import Processor
 from .quant import QuantConfig, UpcastLinear, fuse, prepare, swap_quantized, swap_upcast
@@ -70,18 +71,25 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
                 UpcastLinear(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
     tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
     kernel, kernels = _LINEAR_KERNEL[plan.decode], plan.kernels
-    load_weights(module, ckpt, device=device, tied=tied, progress=progress,  # each quantized layer converts as
-                 on_module_loaded=lambda m: prepare(m, kernel, kernels))  # soon as it is loaded
-    fuse(module)
-    swap_after_load(module, plan)
+    skip: tuple[str, ...] = ()
     if isinstance(module.lm_head, ScanHead):
-        # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader):
-        # the loaded mapping is dropped, so its pages never count in RSS.
+        # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader), so the
+        # table is never loaded: its pages never count in RSS. The head's int8 copy is made from it first.
         gather = kernels.read_rows if kernels is not None else None
         head_rows = RowReader.open(ckpt, ("lm_head.weight",) + (tied[1:] if tied else ()), gather)
+        embed_rows = head_rows if tied else RowReader.open(ckpt, ("model.embed_tokens.weight",), gather)
+        for part, rows in ((module.lm_head, head_rows), (module.model.embed_tokens, embed_rows)):
+            if rows.shape != tuple(part.weight.shape):
+                raise CheckpointError(f"{rows.path.name}: a table of shape {list(rows.shape)}, the model expects "
+                                      f"{list(part.weight.shape)}")
         module.lm_head.use_rows(head_rows)
-        module.model.embed_tokens.use_rows(head_rows if tied else
-                                           RowReader.open(ckpt, ("model.embed_tokens.weight",), gather))
+        module.model.embed_tokens.use_rows(embed_rows)
+        skip, tied = ("lm_head.weight", "model.embed_tokens.weight"), None
+    load_weights(module, ckpt, device=device, tied=tied, progress=progress, skip=skip,  # each quantized layer
+                 on_module_loaded=lambda m: prepare(m, kernel, kernels))  # converts as soon as it is loaded
+    fuse(module)
+    swap_after_load(module, plan)
+    trim()
     release_workers()  # whichever thread generates next should own the only OpenMP pool (cpu/threads.py)
     budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
     processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() else None

@@ -3,7 +3,8 @@
 Inference allocates and frees many blocks of 1-100 MB (activations, 16-bit weights upcast a layer at a time).
 glibc's malloc serves blocks under its adaptive mmap threshold (up to 32 MB) from the heap and keeps them after they
 are freed, which grew the 2B AWQ run by ~0.25 GB. A fixed 1 MiB threshold sends such blocks to mmap, so a free
-returns them to the system. Set QWEN2VL_KEEP_MALLOC=1 to leave malloc alone.
+returns them to the system; after loading, the heap's free pages are handed back too (`trim`). Set
+QWEN2VL_KEEP_MALLOC=1 to leave malloc alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     except (OSError, AttributeError):
         _done = False
     return _done
+
+
+def trim() -> bool:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim: small blocks freed after loading stay
+    resident otherwise, ~50 MB for the 2B model); False where that is not glibc or it was switched off."""
+    if os.environ.get("QWEN2VL_KEEP_MALLOC") == "1":
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def rss_bytes() -> int:

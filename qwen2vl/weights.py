@@ -164,10 +164,11 @@ def tensor_names(ckpt: Path) -> set[str]:
 def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
                  tied: tuple[str, str] | None = None, progress: bool = False,
                  on_module_loaded: Callable[[nn.Module], None] | None = None,
-                 chunk_bytes: int = 256 * 1024 * 1024) -> None:
+                 chunk_bytes: int = 64 * 1024 * 1024, skip: tuple[str, ...] = ()) -> None:
     """Fill every parameter and buffer of `model` (built on the meta device) from the checkpoint, strictly.
 
     `tied = (alias, source)`: `alias` (e.g. lm_head.weight) may be absent from the file; it is tied to `source`.
+    `skip`: tensors of the file that are not loaded (their modules read them on demand, weights.RowReader).
     Each tensor is converted to the dtype of the parameter it fills (so swapped-in layers choose their storage).
     Tensors are read in chunks of about `chunk_bytes`, each from a fresh mapping of the file, so the memory-mapped
     pages do not all stay resident; `on_module_loaded(module)` runs as soon as a module's tensors are all in (a
@@ -179,8 +180,8 @@ def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
     files = safetensors_files(ckpt)
     found: dict[str, tuple[Path, str]] = {}
     for name, f, key in iter_tensors(files):
-        if tied and name == tied[0]:
-            continue  # a tied head stored anyway: the embedding is the one we keep
+        if (tied and name == tied[0]) or name in skip:
+            continue  # a tied head stored anyway (the embedding is the one we keep), or read on demand
         if name in found:
             raise CheckpointError(f"tensor {name!r} appears twice in {ckpt} ({found[name][1]!r} and {key!r})")
         found[name] = (f, key)

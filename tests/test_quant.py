@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen2vl import Qwen2VL, kernels
+from qwen2vl import CheckpointError, Qwen2VL, kernels
 from qwen2vl.cpu import NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
 from qwen2vl.cpu import plan as plan_module
 from qwen2vl.datatypes import ModelInputs
@@ -448,3 +448,38 @@ def test_upcast_linear_and_embedding_are_exact(rows):
     emb.weight = torch.nn.Parameter(w, requires_grad=False)
     ids = torch.randint(0, rows, (2, 7), generator=g)
     assert torch.equal(emb(ids), w.float()[ids])
+
+
+def test_fast_head_reads_its_tables_from_the_file(tmp_path):
+    """A quantized checkpoint's fast LM head and embeddings read their 16-bit tables' rows from the file (the tables
+    are never loaded): an untied head reads lm_head.weight, the embeddings their own table; a table whose shape
+    differs from the config's is named."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen2vl.cli import main
+    from qwen2vl.cpu import ScanHead
+    from qwen2vl.weights import RowReader
+
+    _, src, _ = tiny_checkpoint("awq-tiny", tmp_path / "fp32", seed=5)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = False  # hub-style (flat) config
+    (src / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, str(src / "model.safetensors"))
+    dst = tmp_path / "awq"
+    assert main(["quantize", str(src), str(dst), "--method", "awq"]) == 0
+    model = Qwen2VL.from_pretrained(dst, progress=False).model
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, ScanHead) and isinstance(head.weight, RowReader) and isinstance(embed.weight, RowReader)
+    file = next(dst.glob("*.safetensors"))
+    state = load_file(str(file))
+    V, D = state["lm_head.weight"].shape
+    ids = torch.arange(0, V, 7)
+    assert not torch.equal(state["lm_head.weight"][ids], state["model.embed_tokens.weight"][ids])
+    assert torch.equal(head.weight[ids], state["lm_head.weight"][ids])
+    assert torch.equal(embed.weight[ids], state["model.embed_tokens.weight"][ids])
+    state["lm_head.weight"] = state["lm_head.weight"][:V - 16].clone()
+    save_file(state, str(file))
+    with pytest.raises(CheckpointError, match=rf"shape \[{V - 16}, {D}\].*expects \[{V}, {D}\]"):
+        Qwen2VL.from_pretrained(dst, progress=False)

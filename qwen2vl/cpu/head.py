@@ -27,6 +27,7 @@ from ..quant.formats import q8x16_pack
 REFINE = 128  # tokens refined exactly per row, first try
 SCAN_ROWS = 16
 CHUNK_ROWS = 8192
+QUANT_ROWS = 1024  # rows quantized at a time at load (a few MB of temporaries)
 
 
 class ScanHead(nn.Module):
@@ -43,11 +44,11 @@ class ScanHead(nn.Module):
         self.full = 0  # rows that needed the whole vocabulary exactly
 
     def use_rows(self, rows) -> None:
-        """Take the 16-bit weights from `rows` (a weights.RowReader: rows read from the file on demand; the loaded
-        weight is dropped) and build the int8 copy from it."""
+        """Take the 16-bit weights from `rows` (a weights.RowReader: rows read from the file on demand, in place of
+        the weight parameter) and build the int8 copy from it."""
         del self.weight
         self.weight = rows
-        self.quantize(rows[r0:r0 + CHUNK_ROWS] for r0 in range(0, rows.shape[0], CHUNK_ROWS))
+        self.quantize(rows[r0:r0 + QUANT_ROWS] for r0 in range(0, rows.shape[0], QUANT_ROWS))
 
     def quantize(self, rows: Iterator[torch.Tensor]) -> None:
         """Fill the int8 copy from the weight's rows, given in order in blocks of a multiple of 16 rows."""
