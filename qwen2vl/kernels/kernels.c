@@ -204,20 +204,27 @@ void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const floa
    Dequantization for prefill-sized matmuls, and the AWQ unpack at load
    ------------------------------------------------------------------------------------------------------------ */
 
-/* Rows [n0, n0 + R) (R <= 64, both multiples of 16) of W^T's group g from q4x16, through an L1 tile: W^T's rows
-   written contiguously. */
+/* Rows [n0, n0 + R) (R <= 64, both multiples of 16) of W^T's group g from q4x16, through an L1 tile: each block's
+   bytes read in order, W^T's rows written contiguously. */
 static void dequant_tile(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
                          int R, void *out, int bf16) {
     float t[128][64];
-    for (int r = 0; r < R; r++) {
-        const int n = n0 + r;
-        const size_t blk = (size_t)(n / 16) * G + g;
-        const uint8_t *p = w + blk * 1024 + (n % 16) * 2;
-        const float s = half_to_float(scale[blk * 16 + n % 16]), z = (float)zero[blk * 16 + n % 16];
-        for (int j = 0; j < 64; j++) {
-            const uint8_t b = p[(j / 2) * 32 + j % 2];
-            t[j][r] = ((float)(b & 15) - z) * s;
-            t[j + 64][r] = ((float)(b >> 4) - z) * s;
+    for (int c = 0; c < R / 16; c++) {
+        const size_t blk = (size_t)(n0 / 16 + c) * G + g;
+        const uint8_t *p = w + blk * 1024;
+        float s[16], z[16];
+        for (int r = 0; r < 16; r++) {
+            s[r] = half_to_float(scale[blk * 16 + r]);
+            z[r] = (float)zero[blk * 16 + r];
+        }
+        for (int q = 0; q < 32; q++) {  /* inputs 2q, 2q + 1 (low nibbles), 64 + 2q, 65 + 2q (high) */
+            const uint8_t *b = p + 32 * q;
+            for (int r = 0; r < 16; r++) {
+                t[2 * q][16 * c + r] = ((float)(b[2 * r] & 15) - z[r]) * s[r];
+                t[2 * q + 1][16 * c + r] = ((float)(b[2 * r + 1] & 15) - z[r]) * s[r];
+                t[64 + 2 * q][16 * c + r] = ((float)(b[2 * r] >> 4) - z[r]) * s[r];
+                t[65 + 2 * q][16 * c + r] = ((float)(b[2 * r + 1] >> 4) - z[r]) * s[r];
+            }
         }
     }
     for (int j = 0; j < 128; j++) {
