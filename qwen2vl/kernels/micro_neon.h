@@ -4,6 +4,14 @@
 
 static const char QK_ISA_NAME[] = "neon";
 
+/* a[i] += rows 4i ... 4i + 3 of 16 int16 weights (v0: rows 0-7, v1: rows 8-15) times one activation x. */
+static inline void mla16(int32x4_t a[4], int16x8_t v0, int16x8_t v1, int16_t x) {
+    a[0] = vmlal_n_s16(a[0], vget_low_s16(v0), x);
+    a[1] = vmlal_high_n_s16(a[1], v0, x);
+    a[2] = vmlal_n_s16(a[2], vget_low_s16(v1), x);
+    a[3] = vmlal_high_n_s16(a[3], v1, x);
+}
+
 /* Up to two input rows against a 16-row block, four rows per vector: per pair of inputs, vld2 splits the 32 bytes
    into each input's 16 rows (low nibbles: inputs 2p, 2p + 1; high: 64 + 2p, 65 + 2p), widened to int16 and
    multiplied by the row's activation. Arithmetic as micro_generic.h's. */
@@ -30,15 +38,8 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
                                     h1 = vreinterpretq_s16_u16(vmovl_high_u8(hi));
                     for (int m = 0; m < MT; m++) {
                         const int16_t *xg = xq + (size_t)(m0 + m) * K + g * 128;
-                        const int16_t xl = xg[2 * q + t], xh = xg[64 + 2 * q + t];
-                        a[m][0] = vmlal_n_s16(a[m][0], vget_low_s16(l0), xl);
-                        a[m][1] = vmlal_high_n_s16(a[m][1], l0, xl);
-                        a[m][2] = vmlal_n_s16(a[m][2], vget_low_s16(l1), xl);
-                        a[m][3] = vmlal_high_n_s16(a[m][3], l1, xl);
-                        a[m][0] = vmlal_n_s16(a[m][0], vget_low_s16(h0), xh);
-                        a[m][1] = vmlal_high_n_s16(a[m][1], h0, xh);
-                        a[m][2] = vmlal_n_s16(a[m][2], vget_low_s16(h1), xh);
-                        a[m][3] = vmlal_high_n_s16(a[m][3], h1, xh);
+                        mla16(a[m], l0, l1, xg[2 * q + t]);
+                        mla16(a[m], h0, h1, xg[64 + 2 * q + t]);
                     }
                 }
             }
@@ -80,11 +81,7 @@ static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *
                 for (int t = 0; t < 2; t++) {
                     const int16x8_t v0 = vmovl_s8(vget_low_s8(b.val[t])), v1 = vmovl_high_s8(b.val[t]);
                     for (int m = 0; m < MT; m++) {
-                        const int16_t xv = xq[(size_t)(m0 + m) * K + g * 128 + 2 * q + t];
-                        a[m][0] = vmlal_n_s16(a[m][0], vget_low_s16(v0), xv);
-                        a[m][1] = vmlal_high_n_s16(a[m][1], v0, xv);
-                        a[m][2] = vmlal_n_s16(a[m][2], vget_low_s16(v1), xv);
-                        a[m][3] = vmlal_high_n_s16(a[m][3], v1, xv);
+                        mla16(a[m], v0, v1, xq[(size_t)(m0 + m) * K + g * 128 + 2 * q + t]);
                     }
                 }
             }
