@@ -198,11 +198,13 @@ def awq_model(request, tmp_path_factory):
     _, src, config = tiny_checkpoint("awq-tiny", root / "fp32", seed=4)
     assert main(["quantize", str(src), str(root / "awq"), "--method", method, "--bits", str(bits)]) == 0
     ours = Qwen2VL.from_pretrained(root / "awq", progress=False, fast=False)
-    # At this tiny shape both decode candidates take ~10 us, so the timed verdict is noise: the fast model takes the
-    # native path (its tests below), as the 2B shape does by a wide margin.
+    # At this tiny shape the timed candidates take microseconds, so the verdicts are noise: the fast model takes the
+    # native decode path and bf16 prefill matmuls (their tests below), as the 2B shape does by a wide margin on CPUs
+    # that multiply bf16 fast.
     with pytest.MonkeyPatch.context() as mp:
         measured = plan_module.measure
-        mp.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "decode_torch_int4": float("inf")})
+        mp.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "decode_torch_int4": float("inf"),
+                                                            "prefill_float32": float("inf")})
         fast = Qwen2VL.from_pretrained(root / "awq", progress=False)
     kernel = "q4x16" if bits == 4 and ours.plan.isa else "reference"  # fast=False: never bf16 activations
     assert ours.plan.decode == ("float32" if ours.plan.isa else "reference")
