@@ -37,6 +37,21 @@ int main(void) {
     q4x16_dequant_t(w4, s4, z4, N, K, wt, 0, 2);
     show("dequant_f32", wt, K * N);
 
+    /* Prefill on int8: 11 rows (a partial tile on every level), the quantized rows and the products. */
+    enum { MI = 11 };
+    static float xi[MI * 2 * K], xsc[MI * K / 32], xsm[MI * K / 128], yi[MI * N], xqf[MI * K];
+    static int8_t xq8[MI * K];
+    for (int i = 0; i < MI * 2 * K; i++) xi[i] = rnd() * (i % 97 == 5 ? 40 : 2);  /* a few large channels */
+    act_quant_i8(xi, MI, K, K, 0, xq8, xsc, xsm, 2);
+    for (int i = 0; i < MI * K; i++) xqf[i] = xq8[i];
+    show("act_quant_i8", xqf, MI * K);
+    show("act_quant_i8_scales", xsc, MI * K / 32);
+    q4x16_gemm_i8(xq8, xsc, xsm, MI, K, N, w4, s4, z4, yi, N, 2);
+    show("q4x16_gemm_i8", yi, MI * N);
+    act_quant_i8(xi, MI, K, 2 * K, 2, xq8, xsc, xsm, 2);  /* silu(gate) * up */
+    for (int i = 0; i < MI * K; i++) xqf[i] = xq8[i] * xsc[i / 32];
+    show("act_quant_i8_glu", xqf, MI * K);
+
     static float g[M * 2 * 40], act[4096];
     static uint16_t gb[M * 2 * 40], ob[M * 40];
     for (int i = 0; i < 4096; i++) act[i] = rnd() * 8;

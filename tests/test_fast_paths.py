@@ -1,6 +1,6 @@
 """The CPU fast paths: the LM head's int8 scan with exact refinement (its greedy choice must be the exact one), the
-native kernels at every ISA level this CPU runs (int8 scan, prefill dequantization, vision and MLP elementwise
-kernels) against the reference, oneDNN-prepacked linears, and the default CPU image budget."""
+native kernels at every ISA level this CPU runs (int8 scan, prefill dequantization, the int4 x int8 prefill matmul
+and its activation quantization, vision and MLP elementwise kernels) against the reference, oneDNN-prepacked linears, and the default CPU image budget."""
 
 import logging
 
@@ -101,6 +101,63 @@ def test_q8x16_gemv_matches_reference(native):
         y = native.q8x16_gemv(x, layout, s)
         # activations rounded to int16 per 128 inputs: relative error ~2^-16
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x rounded to int8 per group of 32 inputs in torch ops: (values, scales), scale = max |x| / 127."""
+    M, K = x.shape
+    v = x.float().view(M, K // 32, 32)
+    mx = v.abs().amax(-1)
+    s = torch.where(mx > 0, mx / 127, torch.ones_like(mx))
+    return (v * (1 / s)[..., None]).round().to(torch.int8).view(M, K), s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activation_quantization_is_exact(dtype, native):
+    """Per group of 32: the int8 values and scales torch's ops give (round half to even), and per group of 128 the
+    dequantized values summed; a few channels 40x larger cost only their own groups' precision."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 384, generator=g)
+    x[:, [5, 200]] *= 40
+    x = x.to(dtype)
+    q = native.act_quant_i8(x)
+    values, scales = quantize_rows_reference(x)
+    assert torch.equal(q.values, values) and torch.equal(q.scales, scales)
+    deq = q.values.double().view(37, 12, 32) * q.scales.double()[..., None]
+    assert torch.allclose(q.sums.double(), deq.view(37, 3, 128).sum(-1), rtol=1e-6, atol=1e-6)
+    err = (deq.view(37, 384) - x.double()).abs().view(37, 12, 32).amax(-1)
+    assert (err <= scales.double() * (0.5 + 1e-4)).all()  # half a step of its own group (x * (1 / scale) rounds)
+
+
+def test_int8_quantization_of_the_mlp_product(native):
+    """glu: the rows quantized are silu(gate) * up of [gate | up], within one int8 step of quantizing torch's
+    silu(gate) * up (silu's exp differs from torch's in the last float32 bits, which can move a value across a
+    rounding boundary)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 2 * 256, generator=g) * 3
+    q = native.act_quant_i8(h, glu=True)
+    values, scales = quantize_rows_reference(torch.nn.functional.silu(h[:, :256]) * h[:, 256:])
+    assert torch.allclose(q.scales, scales, rtol=1e-6)
+    assert (q.values.int() - values.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 37])
+@pytest.mark.parametrize("N, K", [(208, 384), (80, 128), (272, 1536)])
+def test_q4x16_gemm_i8_matches_reference(M, N, K, native):
+    """The int4 x int8 prefill matmul: the products of the int8 rows (dequantized) and the dequantized weights, up to
+    float32 rounding of the per-group partial sums (relative 1e-5); N % 64 != 0 and M % 8 != 0 leave partial
+    tiles."""
+    g = torch.Generator().manual_seed(N + M)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scales = torch.rand(K // 128, N, generator=g).half().float()
+    zeros = torch.randint(0, 16, (K // 128, N), generator=g).float()
+    x = torch.randn(M, K, generator=g)
+    x[:, 3] *= 30
+    rows = native.act_quant_i8(x)
+    y = native.q4x16_gemm_i8(rows, *q4x16_pack(q, scales, zeros))
+    xd = (rows.values.double().view(M, K // 32, 32) * rows.scales.double()[..., None]).view(M, K)
+    ref = xd @ dequantize(q, scales, zeros, torch.arange(K) // 128).double().t()
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,9 +14,9 @@ from qwen2vl import kernels
 from qwen2vl.quant.formats import q4x16_pack
 
 SELFTEST = Path(__file__).with_name("kernels_selftest.c")
-EXACT = {"dequant_f32", "rotary_qk"}  # the same float32 operations in the same order in every variant
+EXACT = {"dequant_f32", "rotary_qk", "act_quant_i8", "act_quant_i8_scales"}  # the same float32 operations in the same order in every variant
 # Of each section's largest value: decode matmuls and the layer sum in other orders; exp with or without FMA.
-TOL = {"q4x16_m1": 1e-5, "q4x16_m3": 1e-5, "q8x16_m3": 1e-5, "quick_gelu": 1e-6, "silu_mul_bf16": 2**-8,
+TOL = {"q4x16_gemm_i8": 1e-5, "act_quant_i8_glu": 1e-6, "q4x16_m1": 1e-5, "q4x16_m3": 1e-5, "q8x16_m3": 1e-5, "quick_gelu": 1e-6, "silu_mul_bf16": 2**-8,
        "decode_layer": 1e-4, "decode_layer_m2": 1e-4, "vit_attention_bf16": 2**-7}  # bf16 outputs: a step where sums land near a tie
 
 
@@ -100,12 +100,15 @@ def test_clang_library_matches_the_default_build(tmp_path):
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
                     reason="needs Debian's gcc-aarch64-linux-gnu and qemu-user (.ci/run installs them)")
 def test_arm64_neon_selftest_under_qemu(generic_here, tmp_path):
-    """ARM64: the NEON and the generic variants cross-compiled (static) and run under qemu-aarch64 agree with each
-    other and with this machine's generic build."""
+    """ARM64: the NEON (with and without the dotprod extension) and the generic variants cross-compiled (static) and
+    run under qemu-aarch64 (whose default CPU has dotprod) agree with each other and with this machine's generic
+    build."""
     results = {}
-    for level in ("neon", "generic"):
-        exe = build_selftest("aarch64-linux-gnu-gcc", level, tmp_path / level, ("-static",))
-        isa, results[level] = run_selftest(["qemu-aarch64", str(exe)])
+    for name, level, extra in (("neon", "neon", ()), ("neon+dotprod", "neon", ("-march=armv8.2-a+dotprod",)),
+                               ("generic", "generic", ())):
+        exe = build_selftest("aarch64-linux-gnu-gcc", level, tmp_path / name.replace("+", "_"), ("-static", *extra))
+        isa, results[name] = run_selftest(["qemu-aarch64", str(exe)])
         assert isa == level
     assert_close(results["neon"], results["generic"], "neon vs generic under qemu")
+    assert_close(results["neon+dotprod"], results["generic"], "neon with dotprod vs generic under qemu")
     assert_close(results["generic"], generic_here, "arm64 generic vs this machine's generic")

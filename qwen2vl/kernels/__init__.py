@@ -2,7 +2,7 @@
 tensors out, no knowledge of the model.
 
 Levels, best first: avx512 (AVX-512 F/BW/VL with FMA and F16C; VNNI used where present), avx2 (AVX2 + FMA + F16C;
-AVX-VNNI where present), neon (ARM64), generic (portable C, any CPU). `isa()` is the best level this CPU can run,
+AVX-VNNI where present), neon (ARM64; dotprod where present: every Apple silicon chip), generic (portable C, any CPU). `isa()` is the best level this CPU can run,
 restricted by QWEN2VL_ISA=avx512|avx2|neon|generic; whether a level is *faster* is for the plan to measure.
 
 Libraries are cached under $QWEN2VL_CACHE (default ~/.cache/qwen2vl)/kernels by a hash of the sources, the compiler
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -95,7 +96,7 @@ def compile_flags(level: str, flags: set[str] | None = None) -> list[str]:
                    "-mprefer-vector-width=512"] + (["-mavx512vnni"] if "avx512_vnni" in flags else [])
                   + (["-mavx512bf16"] if "avx512_bf16" in flags else []),
         "avx2": ["-mavx2", "-mfma", "-mf16c"] + (["-mavxvnni"] if "avx_vnni" in flags else []),
-        "neon": [],
+        "neon": ["-march=armv8.2-a+dotprod"] if "asimddp" in flags or platform.system() == "Darwin" else [],
         "generic": [],
     }[level]
     return ["-O3", "-ffp-contract=off", "-shared", "-fPIC", f"-DQK_ISA_{level.upper()}", *isa_flags]
@@ -139,6 +140,13 @@ def build(level: str, cc: str | None = None, out_dir: Path | None = None) -> Pat
     return out
 
 
+class QuantizedRows(NamedTuple):
+    """Activations rounded to int8 per group of 32 inputs (Kernels.act_quant_i8)."""
+    values: torch.Tensor  # (M, K) int8
+    scales: torch.Tensor  # (M, K / 32) float32: value = int8 * scale
+    sums: torch.Tensor  # (M, K / 128) float32: each group of 128's dequantized values summed
+
+
 class Kernels:
     """One built library and typed wrappers over its functions (all on contiguous CPU tensors)."""
 
@@ -150,6 +158,8 @@ class Kernels:
             "q4x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
             "q4x16_dequant_t": [_P, _P, _P, _I, _I, _P, _I, _I],
             "q8x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
+            "act_quant_i8": [_P, _I, _I, _I, _I, _P, _P, _P, _I],
+            "q4x16_gemm_i8": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I],
             "rotary_qk": [_P, _I, _I, _I, _P, _P, _I, _I],
             "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
@@ -199,6 +209,32 @@ class Kernels:
         y = torch.empty(M, N)
         self.lib.q4x16_gemv(x.data_ptr(), M, K, N, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                            y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def act_quant_i8(self, x: torch.Tensor, glu: bool = False) -> "QuantizedRows":
+        """x (M, K) float32 or bfloat16 -> int8 per group of 32 (kernels.c act_quant_i8); with `glu`, x (M, 2K)
+        float32 = [gate | up] and the rows quantized are silu(gate) * up. K % 128 == 0."""
+        M, K = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
+        if K % 128 or x.stride(1) != 1 or x.dtype not in (torch.float32, torch.bfloat16) or \
+                (glu and x.dtype != torch.float32):
+            raise ValueError(f"act_quant_i8: cannot quantize {x.dtype} {tuple(x.shape)} (glu={glu})")
+        q = QuantizedRows(torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 128))
+        kind = 2 if glu else int(x.dtype == torch.bfloat16)
+        self.lib.act_quant_i8(x.data_ptr(), M, K, x.stride(0), kind, q.values.data_ptr(), q.scales.data_ptr(),
+                              q.sums.data_ptr(), torch.get_num_threads())
+        return q
+
+    def q4x16_gemm_i8(self, x: "QuantizedRows", packed: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor) -> torch.Tensor:
+        """act_quant_i8's rows (M, K) -> (M, N) float32 = x W^T for W in the q4x16 layout."""
+        M, K = x.values.shape
+        N = packed.shape[0] * 16
+        if packed.shape[1] * 128 != K or not packed.is_contiguous():
+            raise ValueError(f"q4x16_gemm_i8: x {tuple(x.values.shape)} does not fit weights {tuple(packed.shape)}")
+        y = torch.empty(M, N)
+        self.lib.q4x16_gemm_i8(x.values.data_ptr(), x.scales.data_ptr(), x.sums.data_ptr(), M, K, N,
+                               packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), y.data_ptr(), N,
+                               torch.get_num_threads())
         return y
 
     def q4x16_dequant_t(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

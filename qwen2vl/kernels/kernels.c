@@ -19,7 +19,14 @@
 
    Decode-sized matmuls (M <= 16 rows) round activations to int16 per block of 128 inputs (scale = max|x| / 32767:
    an error of at most 2^-16 of the block's largest value), so that weight x activation products are exact integer
-   dot products; y = W . x~ up to the float32 rounding of the per-group partial sums. */
+   dot products; y = W . x~ up to the float32 rounding of the per-group partial sums.
+
+   Prefill-sized matmuls on int8 (q4x16_gemm_i8) round activations to int8 per group of 32 inputs (scale =
+   max|x| / 127), as OpenVINO's CPU plugin does for its compressed matmuls: small groups keep a few large channels
+   from costing the others their precision. Each 16-row block of q4x16 is unpacked once into "lanes" (K/4 steps of
+   64 bytes: lane r holds row r's levels for 4 consecutive inputs), the operand of an unsigned x signed int8 dot
+   product (vpdpbusd, vpmaddubsw, sdot). Per group of 32: the exact integer dot a, then f += a * xs; per weight group
+   of 128: y += (f - zero * xsum128) * scale, with xsum128 the group's dequantized activations summed. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -120,7 +127,9 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The ISA's microkernels: q4x16_block and q8x16_block (one 16-row block of a decode-sized matmul),
+   The ISA's microkernels: q4x16_block and q8x16_block (one 16-row block of a decode-sized matmul), and where it
+   has them, q4i8_tile (QK_HAVE_Q4I8_TILE: up to GEMM_MT input rows against one 16-row block's lanes, for
+   prefill-sized matmuls on int8), q4x16_lanes and quantize32,
    the ISA's name and, where it has one (QK_HAVE_TILE64), its own dequant_tile64 (64 rows of one group of W^T from
    q4x16).
    ------------------------------------------------------------------------------------------------------------ */
@@ -198,6 +207,116 @@ void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const floa
             for (int r = 0; r < 16; r++) y[(size_t)m * N + blk * 16 + r] = out[m * 16 + r] * scale[blk * 16 + r];
     }
     xquant_free(&q);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Prefill-sized matmuls on int8 activations (see the header comment)
+   ------------------------------------------------------------------------------------------------------------ */
+
+#ifndef QK_HAVE_QUANTIZE32
+/* 32 activations -> int8 rounded to nearest (even) with scale *s = max |v| / 127; returns the int8s' sum. */
+static int quantize32(const float *v, int8_t *q, float *s) {
+    float mx = 0.f;
+    for (int i = 0; i < 32; i++) mx = fmaxf(mx, fabsf(v[i]));
+    *s = mx > 0.f ? mx / 127.f : 1.f;
+    const float inv = 1.f / *s;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) { q[i] = (int8_t)rintf(v[i] * inv); sum += q[i]; }
+    return sum;
+}
+#endif
+
+/* x (M, K) -> xq (M, K) int8 rounded to nearest per group of 32 (scale xs = max |v| / 127), xs (M, K/32) and
+   xsum (M, K/128): each group of 128's dequantized values summed. kind: 0 float32 rows of stride ld, 1 bfloat16,
+   2 float32 [gate | up] rows (ld >= 2K) quantized as silu(gate) * up (the MLP's down projection input). */
+void act_quant_i8(const void *x, int M, int K, int ld, int kind, int8_t *xq, float *xs, float *xsum, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        for (int g = 0; g < K / 128; g++) {
+            float v[128], total = 0.f;
+            const size_t o = (size_t)m * ld + g * 128;
+            if (kind == 1) for (int i = 0; i < 128; i++) v[i] = bf16_to_float(((const uint16_t *)x)[o + i]);
+            else if (kind == 2) for (int i = 0; i < 128; i++) v[i] = silu_c(((const float *)x)[o + i]) *
+                                                                    ((const float *)x)[o + K + i];
+            else memcpy(v, (const float *)x + o, sizeof v);
+            for (int a = 0; a < 4; a++) {
+                float s;
+                const int sum = quantize32(v + 32 * a, xq + (size_t)m * K + g * 128 + 32 * a, &s);
+                xs[(size_t)m * (K / 32) + 4 * g + a] = s;
+                total = MADD((float)sum, s, total);
+            }
+            xsum[(size_t)m * (K / 128) + g] = total;
+        }
+    }
+}
+
+#ifndef QK_HAVE_LANES
+/* One 16-row block of q4x16 (w at its first group, G groups) -> its lanes t (K/4 steps of 64 bytes). */
+static void q4x16_lanes(const uint8_t *w, int G, uint8_t *t) {
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < 32; p++)
+            for (int r = 0; r < 16; r++)
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t b = w[(size_t)g * 1024 + 32 * p + 2 * r + h];
+                    const int k = g * 128 + 2 * p + h;  /* and k + 64 in the high nibble */
+                    t[(size_t)(k / 4) * 64 + 4 * r + k % 4] = b & 15;
+                    t[(size_t)((k + 64) / 4) * 64 + 4 * r + k % 4] = b >> 4;
+                }
+}
+#endif
+
+#ifndef QK_HAVE_Q4I8_TILE
+#define GEMM_MT 8
+
+/* out rows m < M (stride ldo) of 16 values = x_m W^T for one 16-row block's lanes t (the portable reference): per
+   group of 32 the exact integer dot a, f += a * xs; per group of 128 out += (f - zero * xsum) * scale. */
+static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *zero, int G, const int8_t *xq,
+                      const float *xs, const float *xsum, int M, int K, float *out, int ldo) {
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < 16; r++) {
+            float o = 0.f;
+            for (int g = 0; g < G; g++) {
+                float f = 0.f;
+                for (int a = 0; a < 4; a++) {
+                    const int k0 = g * 128 + 32 * a;
+                    int32_t acc = 0;
+                    for (int k = k0; k < k0 + 32; k++) acc += (int32_t)t[(size_t)(k / 4) * 64 + 4 * r + k % 4] *
+                                                              xq[(size_t)m * K + k];
+                    f = MADD((float)acc, xs[(size_t)m * (K / 32) + 4 * g + a], f);
+                }
+                const float d = MADD(-(float)zero[g * 16 + r], xsum[(size_t)m * G + g], f);
+                o = MADD(d, half_to_float(scale[g * 16 + r]), o);
+            }
+            out[(size_t)m * ldo + r] = o;
+        }
+}
+#endif
+
+#define GEMM_BLOCKS 4  /* 16-row blocks unpacked together: each input tile is reused from L1 across them */
+
+/* y (M, N) float32 (row stride ldy) = x W^T from act_quant_i8's xq, xs, xsum and the q4x16 layout; K % 128 == 0,
+   N % 16 == 0. Work items are 64 output rows: their lanes are unpacked once into a per-thread buffer, then every
+   tile of input rows runs against them. */
+void q4x16_gemm_i8(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int N, const uint8_t *w,
+                   const uint16_t *scale, const uint8_t *zero, float *y, int ldy, int threads) {
+    const int G = K / 128, B = N / 16, C = (B + GEMM_BLOCKS - 1) / GEMM_BLOCKS;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint8_t *t = aligned_alloc(64, (size_t)K * 16 * GEMM_BLOCKS);
+        #pragma omp for schedule(static)
+        for (int c = 0; c < C; c++) {
+            const int b0 = c * GEMM_BLOCKS, nb = B - b0 < GEMM_BLOCKS ? B - b0 : GEMM_BLOCKS;
+            for (int b = 0; b < nb; b++) q4x16_lanes(w + (size_t)(b0 + b) * G * 1024, G, t + (size_t)b * K * 16);
+            for (int m0 = 0; m0 < M; m0 += GEMM_MT) {
+                const int mt = M - m0 < GEMM_MT ? M - m0 : GEMM_MT;
+                for (int b = 0; b < nb; b++)
+                    q4i8_tile(t + (size_t)b * K * 16, scale + (size_t)(b0 + b) * G * 16,
+                              zero + (size_t)(b0 + b) * G * 16, G, xq + (size_t)m0 * K, xs + (size_t)m0 * (K / 32),
+                              xsum + (size_t)m0 * G, mt, K, y + (size_t)m0 * ldy + (b0 + b) * 16, ldy);
+            }
+        }
+        free(t);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------------------

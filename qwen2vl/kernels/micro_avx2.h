@@ -101,3 +101,65 @@ static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *
         else q8x16_tile(w, G, x, xs + m0 * G, K, 1, out + m0 * 16);
     }
 }
+
+/* Up to two input rows against one 16-row block's lanes (kernels.c q4x16_gemm_i8), eight rows per vector: per step
+   of 4 inputs, each row's 4 activations are one broadcast; vpmaddubsw multiplies them with the levels (unsigned, at
+   most 15: its int16 pair sums cannot saturate) and vpmaddwd sums the pairs (AVX-VNNI's vpdpbusd where the build has
+   it). Arithmetic as kernels.c's reference. */
+#define QK_HAVE_Q4I8_TILE 1
+#define GEMM_MT 2
+
+static inline __m256i dot4x8(__m256i acc, __m256i w, __m256i x) {
+#ifdef __AVXVNNI__
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline __attribute__((always_inline)) void q4i8_tile_mt(const uint8_t *t, const uint16_t *scale,
+                                                               const uint8_t *zero, int G, const int8_t *xq,
+                                                               const float *xs, const float *xsum, int K,
+                                                               const int MT, float *out, int ldo) {
+    __m256 o[2][2];  /* (input row, half of the block) */
+    for (int m = 0; m < MT; m++) o[m][0] = o[m][1] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256 f[2][2];
+        for (int m = 0; m < MT; m++) f[m][0] = f[m][1] = _mm256_setzero_ps();
+        for (int a = 0; a < 4; a++) {
+            const int k0 = g * 128 + 32 * a;
+            __m256i acc[2][2];
+            for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                const uint8_t *p = t + (size_t)(k0 / 4 + s) * 64;
+                const __m256i w0 = _mm256_load_si256((const __m256i *)p), w1 = _mm256_load_si256((const __m256i *)(p + 32));
+                for (int m = 0; m < MT; m++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (size_t)m * K + k0 + 4 * s, 4);
+                    const __m256i xb = _mm256_set1_epi32(x4);
+                    acc[m][0] = dot4x8(acc[m][0], w0, xb);
+                    acc[m][1] = dot4x8(acc[m][1], w1, xb);
+                }
+            }
+            for (int m = 0; m < MT; m++) {
+                const __m256 sx = _mm256_set1_ps(xs[(size_t)m * (K / 32) + 4 * g + a]);
+                for (int h = 0; h < 2; h++) f[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][h]), sx, f[m][h]);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g * 16 + 8 * h)));
+            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zero + g * 16 + 8 * h))));
+            for (int m = 0; m < MT; m++)
+                o[m][h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z, _mm256_set1_ps(xsum[(size_t)m * G + g]), f[m][h]), sw,
+                                          o[m][h]);
+        }
+    }
+    for (int m = 0; m < MT; m++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(out + (size_t)m * ldo + 8 * h, o[m][h]);
+}
+
+static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *zero, int G, const int8_t *xq,
+                      const float *xs, const float *xsum, int M, int K, float *out, int ldo) {
+    if (M == 2) q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 2, out, ldo);
+    else q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 1, out, ldo);
+}

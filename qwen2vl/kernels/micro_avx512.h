@@ -231,3 +231,92 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, fl
         for (int c = 0; c < C; c++) _mm512_storeu_ps(o[r] + 16 * c, acc[r][c]);
 }
 #endif
+
+#define QK_HAVE_Q4I8_TILE 1
+#define GEMM_MT 8
+
+/* kernels.c's quantize32 in vectors, with the same results (the conversion rounds to nearest even as rintf). */
+#define QK_HAVE_QUANTIZE32 1
+static int quantize32(const float *v, int8_t *q, float *s) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, abs_mask), _mm512_and_ps(b, abs_mask)));
+    *s = mx > 0.f ? mx / 127.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(1.f / *s);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(qb));
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+}
+
+/* kernels.c's q4x16_lanes in vectors: per two input pairs, one 64-byte load, one word permute to each row's four
+   consecutive inputs, and the low and high nibbles masked out. */
+#define QK_HAVE_LANES 1
+static void q4x16_lanes(const uint8_t *w, int G, uint8_t *t) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < 32; p += 2) {
+            const __m512i v = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(w + (size_t)g * 1024 + 32 * p));
+            const size_t k = (size_t)g * 128 + 2 * p;  /* inputs k ... k + 3, and k + 64 ... k + 67 */
+            _mm512_store_si512(t + k * 16, _mm512_and_si512(v, low));
+            _mm512_store_si512(t + (k + 64) * 16, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        }
+}
+
+/* Up to GEMM_MT input rows against one 16-row block's lanes (kernels.c q4x16_gemm_i8): per step of 4 inputs one
+   64-byte load gives the 16 rows' levels, and each row's 4 activations are one broadcast operand of vpdpbusd
+   (unsigned levels x signed activations). Arithmetic as micro_generic.h's. */
+static inline __attribute__((always_inline)) void q4i8_tile_mt(const uint8_t *t, const uint16_t *scale,
+                                                               const uint8_t *zero, int G, const int8_t *xq,
+                                                               const float *xs, const float *xsum, int K,
+                                                               const int MT, float *out, int ldo) {
+    __m512 o[GEMM_MT];
+    for (int m = 0; m < MT; m++) o[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512 f[GEMM_MT];
+        for (int m = 0; m < MT; m++) f[m] = _mm512_setzero_ps();
+        for (int a = 0; a < 4; a++) {
+            const int k0 = g * 128 + 32 * a;
+            __m512i acc[GEMM_MT];
+            for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_si512();
+            #pragma GCC unroll 8
+            for (int s = 0; s < 8; s++) {
+                const __m512i wv = _mm512_load_si512(t + (size_t)(k0 / 4 + s) * 64);
+                for (int m = 0; m < MT; m++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (size_t)m * K + k0 + 4 * s, 4);
+#ifdef __AVX512VNNI__
+                    acc[m] = _mm512_dpbusd_epi32(acc[m], wv, _mm512_set1_epi32(x4));
+#else
+                    acc[m] = _mm512_add_epi32(acc[m], _mm512_madd_epi16(
+                        _mm512_maddubs_epi16(wv, _mm512_set1_epi32(x4)), _mm512_set1_epi16(1)));
+#endif
+                }
+            }
+            for (int m = 0; m < MT; m++)
+                f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]),
+                                       _mm512_set1_ps(xs[(size_t)m * (K / 32) + 4 * g + a]), f[m]);
+        }
+        const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * 16)));
+        const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zero + g * 16))));
+        for (int m = 0; m < MT; m++)
+            o[m] = _mm512_fmadd_ps(_mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)m * G + g]), f[m]), sw, o[m]);
+    }
+    for (int m = 0; m < MT; m++) _mm512_storeu_ps(out + (size_t)m * ldo, o[m]);
+}
+
+static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *zero, int G, const int8_t *xq,
+                      const float *xs, const float *xsum, int M, int K, float *out, int ldo) {
+    switch (M) {
+        case 8: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 8, out, ldo); break;
+        case 7: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 7, out, ldo); break;
+        case 6: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 6, out, ldo); break;
+        case 5: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 5, out, ldo); break;
+        case 4: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 4, out, ldo); break;
+        case 3: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 3, out, ldo); break;
+        case 2: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 2, out, ldo); break;
+        default: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 1, out, ldo); break;
+    }
+}

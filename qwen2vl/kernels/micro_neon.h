@@ -93,3 +93,64 @@ static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *
             for (int i = 0; i < 4; i++) vst1q_f32(out + (m0 + m) * 16 + 4 * i, acc[m][i]);
     }
 }
+
+#ifdef __ARM_FEATURE_DOTPROD
+/* Up to two input rows against one 16-row block's lanes (kernels.c q4x16_gemm_i8), four rows per vector: per four
+   steps of 4 inputs, one load of each row's 16 activations, and per step sdot multiplies the 16 rows' levels (at most
+   15, so exact as signed bytes) with one lane of it. Without the dotprod extension, kernels.c's reference runs.
+   Arithmetic as kernels.c's reference. */
+#define QK_HAVE_Q4I8_TILE 1
+#define GEMM_MT 2
+
+static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *zero, int G, const int8_t *xq,
+                      const float *xs, const float *xsum, int M, int K, float *out, int ldo) {
+    float32x4_t o[2][4];
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < 4; i++) o[m][i] = vdupq_n_f32(0.f);
+    for (int g = 0; g < G; g++) {
+        float32x4_t f[2][4];
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < 4; i++) f[m][i] = vdupq_n_f32(0.f);
+        for (int a = 0; a < 4; a++) {
+            const int k0 = g * 128 + 32 * a;
+            int32x4_t acc[2][4];
+            for (int m = 0; m < M; m++)
+                for (int i = 0; i < 4; i++) acc[m][i] = vdupq_n_s32(0);
+            for (int s4 = 0; s4 < 8; s4 += 4) {
+                int8x16_t x[2];
+                for (int m = 0; m < M; m++) x[m] = vld1q_s8(xq + (size_t)m * K + k0 + 4 * s4);
+                for (int s = 0; s < 4; s++) {
+                    const int8_t *p = (const int8_t *)t + (size_t)(k0 / 4 + s4 + s) * 64;
+                    int8x16_t w[4];
+                    for (int i = 0; i < 4; i++) w[i] = vld1q_s8(p + 16 * i);
+                    for (int m = 0; m < M; m++)
+                        for (int i = 0; i < 4; i++) {
+                            switch (s) {  /* the lane index must be a constant */
+                                case 0: acc[m][i] = vdotq_laneq_s32(acc[m][i], w[i], x[m], 0); break;
+                                case 1: acc[m][i] = vdotq_laneq_s32(acc[m][i], w[i], x[m], 1); break;
+                                case 2: acc[m][i] = vdotq_laneq_s32(acc[m][i], w[i], x[m], 2); break;
+                                default: acc[m][i] = vdotq_laneq_s32(acc[m][i], w[i], x[m], 3); break;
+                            }
+                        }
+                }
+            }
+            for (int m = 0; m < M; m++) {
+                const float sx = xs[(size_t)m * (K / 32) + 4 * g + a];
+                for (int i = 0; i < 4; i++) f[m][i] = vfmaq_n_f32(f[m][i], vcvtq_f32_s32(acc[m][i]), sx);
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            float sw[4], z[4];
+            for (int l = 0; l < 4; l++) {
+                sw[l] = half_to_float(scale[g * 16 + 4 * i + l]);
+                z[l] = (float)zero[g * 16 + 4 * i + l];
+            }
+            const float32x4_t swv = vld1q_f32(sw), zv = vld1q_f32(z);
+            for (int m = 0; m < M; m++)
+                o[m][i] = vfmaq_f32(o[m][i], vfmsq_n_f32(f[m][i], zv, xsum[(size_t)m * G + g]), swv);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < 4; i++) vst1q_f32(out + (size_t)m * ldo + 4 * i, o[m][i]);
+}
+#endif
