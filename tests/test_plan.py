@@ -63,6 +63,23 @@ def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
     assert exact.decode == ("float32" if exact.isa else "reference") and exact.head == "exact"
 
 
+def test_int8_prefill_only_when_asked(cfg, monkeypatch):
+    """int8 prefill activations cost more accuracy than bf16 (BENCHMARKS.md), so the plan takes them only where
+    QWEN2VL_PREFILL=int8 asks, however fast they measured; QWEN2VL_PREFILL=float32|bf16 overrides the timing."""
+    monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: {**fake_timings(True), "prefill_int8": 0.001})
+    monkeypatch.delenv("QWEN2VL_PREFILL", raising=False)
+    assert plan_module.decide(cfg, torch.device("cpu"), torch.float32, None).prefill_dtype == torch.bfloat16
+    monkeypatch.setenv("QWEN2VL_PREFILL", "int8")
+    p = plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+    assert p.prefill_dtype == torch.int8 and "QWEN2VL_PREFILL=int8" in p.describe() and "int8 (" in p.describe()
+    assert plan_module.decide(cfg, torch.device("cpu"), torch.float32, False).prefill_dtype == torch.float32
+    monkeypatch.setenv("QWEN2VL_PREFILL", "float32")
+    assert plan_module.decide(cfg, torch.device("cpu"), torch.float32, None).prefill_dtype == torch.float32
+    monkeypatch.setenv("QWEN2VL_PREFILL", "int4")
+    with pytest.raises(ValueError, match="QWEN2VL_PREFILL='int4'"):
+        plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+
+
 def test_measurements_are_cached(cfg, monkeypatch, tmp_path):
     """The first load times the candidates (on the model's own shapes); later loads read the verdict back."""
     monkeypatch.setenv("QWEN2VL_CACHE", str(tmp_path))

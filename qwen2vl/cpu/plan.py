@@ -18,8 +18,10 @@ import torch
 
 from .. import kernels
 from ..config import Qwen2VLConfig
+from ..quant.formats import q4x16_pack
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SHORT = {torch.float32: "float32", torch.bfloat16: "bf16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class Plan:
     vision_linear: str  # "packed" (oneDNN-prepacked bf16 weights) | "torch"
     vision_kernels: bool  # native rotary and quick_gelu in the vision tower
     vision_attention: str  # "native" (kernels.c bf16 flash attention) | "torch" (SDPA)
-    prefill_dtype: torch.dtype  # quantized matmuls over many rows: dequantized weights in this dtype
+    # Quantized matmuls over many rows: weights dequantized to float32 or bfloat16, or int8 (activations rounded per
+    # 32 inputs, the native int4 x int8 kernel).
+    prefill_dtype: torch.dtype
     decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
     reasons: dict[str, str] = field(default_factory=dict)
@@ -46,7 +50,8 @@ class Plan:
                 ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears, "
                            f"{self.vision_attention} attention"
                            + (", native rotary and quick_gelu" if self.vision_kernels else "")),
-                ("prefill matmuls", _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
+                ("prefill matmuls", "int8 activations per 32 inputs x int4 weights" if self.prefill_dtype == torch.int8
+                 else _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
                 ("LM head", self.head)]
         lines = [f"{k:>16}: {v}" for k, v in rows]
         lines += [f"{'why ' + k:>16}: {v}" for k, v in self.reasons.items()]
@@ -73,14 +78,13 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
                     decode, "exact", reasons)
     t = measure(cfg, isa)
     bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
-    bf16_text = t["prefill_bf16"] < 0.9 * t["prefill_float32"]
+    prefill, reasons["prefill"] = _prefill(t, isa)
     packed = bf16_vit and "vision_packed" in t and t["vision_packed"] < t["vision_bf16"]
     reasons["vision"] = f"bf16 {t['vision_bf16'] * 1e3:.1f} ms vs float32 {t['vision_float32'] * 1e3:.1f} ms" + \
         (f", prepacked {t['vision_packed'] * 1e3:.1f} ms" if "vision_packed" in t else "")
     attention = "native" if bf16_vit and t.get("attention_native", float("inf")) < t["attention_sdpa"] else "torch"
     reasons["attention"] = f"SDPA bf16 {t['attention_sdpa'] * 1e3:.1f} ms" + (
         f" vs native ({isa}) {t['attention_native'] * 1e3:.1f} ms" if "attention_native" in t else "")
-    reasons["prefill"] = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms"
     if k is not None:
         decode = "native-layer" if t["decode_q4x16"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
         reasons["decode"] = f"q4x16 ({isa}) {t['decode_q4x16'] * 1e3:.2f} ms" + (
@@ -88,7 +92,26 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     else:
         decode = "torch-int4"
     return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
-                k is not None, attention, torch.bfloat16 if bf16_text else torch.float32, decode, "scan-int8", reasons)
+                k is not None, attention, prefill, decode, "scan-int8", reasons)
+
+
+PREFILL_CHOICES = ("float32", "bf16", "int8")
+
+
+def _prefill(t: dict[str, float], isa: str | None) -> tuple[torch.dtype, str]:
+    """The prefill matmuls' dtype and why. By speed, bf16 or float32; int8 activations (per 32 inputs) only where
+    QWEN2VL_PREFILL=int8 asks: it is the fastest on VNNI CPUs, but costs more accuracy than bf16 (BENCHMARKS.md)."""
+    why = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms" + (
+        f", int8 ({isa}) {t['prefill_int8'] * 1e3:.1f} ms" if "prefill_int8" in t else "")
+    want = os.environ.get("QWEN2VL_PREFILL", "").strip().lower()
+    if want and want not in PREFILL_CHOICES:
+        raise ValueError(f"QWEN2VL_PREFILL={want!r}: use one of {', '.join(PREFILL_CHOICES)}")
+    if want == "int8" and "prefill_int8" not in t:
+        return torch.float32, why + "; QWEN2VL_PREFILL=int8 needs the native kernels: float32"
+    if want:
+        return {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[want], \
+            why + f"; chosen by QWEN2VL_PREFILL={want}"
+    return (torch.bfloat16 if t["prefill_bf16"] < 0.9 * t["prefill_float32"] else torch.float32), why
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,13 +162,23 @@ def _best(fn, reps: int = 2) -> float:
 def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     shapes = _shapes(cfg)
+    k = kernels.load(isa) if isa else None
     out = {}
     for part in ("vision", "prefill"):
         M, K, N = shapes[part]
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
         for dtype in (torch.float32, torch.bfloat16):
             xd, wd = x.to(dtype), w.to(dtype)
-            out[f"{part}_{_DTYPE_NAMES[dtype].replace('bfloat16', 'bf16')}"] = _best(lambda: torch.mm(xd, wd.t()))
+            out[f"{part}_{_SHORT[dtype]}"] = _best(lambda: torch.mm(xd, wd.t()))
+    if k is not None:  # the quantized layers' prefill paths as they run: dequantize W^T then multiply, or int8
+        M, K, N = shapes["prefill"]
+        x = torch.randn(M, K, generator=g)
+        packed = q4x16_pack(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8),
+                            torch.rand(K // 128, N, generator=g).half().float() * 0.01, torch.full((K // 128, N), 8.0))
+        for dtype in (torch.float32, torch.bfloat16):
+            wt, xd = torch.empty(K, N, dtype=dtype), x.to(dtype)
+            out[f"prefill_{_SHORT[dtype]}"] = _best(lambda: torch.mm(xd, k.q4x16_dequant_t(*packed, wt)))
+        out["prefill_int8"] = _best(lambda: k.q4x16_gemm_i8(k.act_quant_i8(x), *packed))
         if part == "vision" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
                 torch.backends.mkldnn.is_available():
             try:
@@ -164,10 +197,7 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
     scales = torch.rand(K // 128, N, generator=g).half().float() * 0.01
     zeros = torch.full((K // 128, N), 8.0)
-    k = kernels.load(isa) if isa else None
     if k is not None:
-        from ..quant.formats import q4x16_pack
-
         packed, sc, zr = q4x16_pack(q, scales, zeros)
         out["decode_q4x16"] = _best(lambda: k.q4x16_gemv(x, packed, sc, zr), 5)
         if D % 16 == 0 and D <= 128:

@@ -69,7 +69,9 @@ class QuantLinear(nn.Module):
                  zero_offset: int = 1, dtype: torch.dtype = torch.float32, bulk_dtype: torch.dtype | None = None):
         super().__init__()
         K, N, G = in_features, out_features, in_features // group_size
-        self.bulk_dtype = bulk_dtype or dtype  # the matmul dtype for inputs of more than DECODE_ROWS rows
+        # The matmul dtype for inputs of more than DECODE_ROWS rows: float32 or bfloat16 (weights dequantized), or
+        # int8 (activations quantized per 32 for the q4x16 kernel; float32 where a layer cannot take it).
+        self.bulk_dtype = bulk_dtype or dtype
         self.in_features, self.out_features = K, N
         self.fmt, self.bits, self.group_size, self.zero_offset = fmt, bits, group_size, zero_offset
         per = 32 // bits
@@ -112,7 +114,8 @@ class QuantLinear(nn.Module):
             self._to_q4x16(q, scales, zeros, perm)
         elif kernel == "int4_cpu" and on_cpu and int4_cpu_fits(self.in_features, self.out_features, self.group_size):
             self._to_int4_cpu(q, scales, zeros, perm)
-        self.few, self.many = {"q4x16": (self.bulk_matmul if float32 else self._q4x16, self.bulk_matmul),
+        self.few, self.many = {"q4x16": (self.bulk_matmul if float32 else self._q4x16,
+                                         self._q4x16_int8 if self.bulk_dtype == torch.int8 else self.bulk_matmul),
                                "reference": (self._reference,) * 2,
                                "int4_cpu": (self._int4_cpu, self.bulk_matmul if self.exact else self._int4_cpu)
                                }[self.kernel]
@@ -181,7 +184,7 @@ class QuantLinear(nn.Module):
         fused.exact, fused.kernel, fused.prepared, fused.kernels = True, first.kernel, True, first.kernels
         fused.few = fused.bulk_matmul if first.few == first.bulk_matmul else \
             fused._q4x16 if first.kernel == "q4x16" else fused._int4_cpu
-        fused.many = fused.bulk_matmul
+        fused.many = first.many.__func__.__get__(fused)
         for p in parts:  # the parts keep their names (and shapes) but no longer hold weights
             for name in ("packed", "scale_zero", "scales", "zeros"):
                 setattr(p, name, None)
@@ -203,6 +206,13 @@ class QuantLinear(nn.Module):
     def _q4x16(self, x: torch.Tensor) -> torch.Tensor:  # int16-rounded activations (kernels.c)
         return self.kernels.q4x16_gemv(x, self.packed, self.scales, self.zeros)
 
+    def _q4x16_int8(self, x: torch.Tensor) -> torch.Tensor:  # int8 activations per 32 (kernels.c)
+        return self.matmul_int8(self.kernels.act_quant_i8(x))
+
+    def matmul_int8(self, x) -> torch.Tensor:
+        """x W^T (M, N) float32 for rows already quantized by Kernels.act_quant_i8 (a q4x16 layer)."""
+        return self.kernels.q4x16_gemm_i8(x, self.packed, self.scales, self.zeros)
+
     def _int4_cpu(self, x: torch.Tensor) -> torch.Tensor:  # bf16 activations
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
                                                           self.scale_zero)
@@ -211,14 +221,14 @@ class QuantLinear(nn.Module):
         """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized (natively where the
         plan gave kernels) into a reused buffer, in `bulk_dtype`, else by torch ops in x's dtype."""
         N, K = self.out_features, self.in_features
+        dtype = self.bulk_dtype if self.bulk_dtype.is_floating_point else torch.float32  # int8: its own kernel
         if self.kernel == "q4x16":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
-            wt = self.kernels.q4x16_dequant_t(self.packed, self.scales, self.zeros,
-                                             _scratch(K * N, self.bulk_dtype).view(K, N))
+            wt = self.kernels.q4x16_dequant_t(self.packed, self.scales, self.zeros, _scratch(K * N, dtype).view(K, N))
             return torch.mm(x.to(wt.dtype), wt)
         B = int4pack_layout()[0]
         if self.kernels is not None:
             wt = self.kernels.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
-                                               self.group_size, _scratch(K * N, self.bulk_dtype).view(K, N))
+                                               self.group_size, _scratch(K * N, dtype).view(K, N))
             return torch.matmul(x.to(wt.dtype), wt)
         rows = max(B, (DEQUANT_BLOCK // K) // B * B)  # output features per block, whole packing blocks
         out = []
