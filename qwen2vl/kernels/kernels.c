@@ -587,8 +587,9 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
 /* ------------------------------------------------------------------------------------------------------------
    The vision tower's attention: softmax attention within segments of L consecutive rows (one image or video slice
    each), for bf16 q, k, v read from qkv (N, 3, H, D) after the rotary, into out (N, H, D) bf16. Flash-style: per
-   (segment, head), K and V are packed once into bf16 pairs; four query rows at a time run over key blocks of 64 with
-   an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
+   (segment, head), K and V are packed once into bf16 pairs; up to 32 query rows at a time run over key blocks of 64
+   (each block, ~20 KB, shared by 8 groups of 4 rows while it is in L1; one group per pass streamed all of K and V
+   from L3 at 896x896) with an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
    does) and the float32 output is normalized once at the end. D % 32 == 0 or D % 16 == 0 with D <= 128.
    ------------------------------------------------------------------------------------------------------------ */
 #define ATT_BK 64
@@ -619,6 +620,53 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, fl
 }
 #endif
 
+#ifndef QK_HAVE_ATTN_SOFTMAX
+/* The online softmax step of 4 query rows over one key block: sc (scores, n <= 64 valid) -> p = exp(sc * scale - mx)
+   rounded to bf16 (zero past n), packed in pairs into pp; m (running max) and l (running sum) updated, and alpha
+   (per row, the factor that rescales earlier sums to the new max) returned. Written in fixed-length loops, so that
+   they vectorize. */
+static void attn_softmax_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
+                              uint32_t pp[4][ATT_BK / 2], float alpha[4]) {
+    for (int r = 0; r < 4; r++) {
+        float *x = sc[r], mx16[16], e[ATT_BK], sum16v[16] = {0};
+        for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
+        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m[r];
+        for (int j = 0; j < ATT_BK; j += 16)
+            for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
+        float mx = mx16[0];
+        for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
+        for (int j = 0; j < ATT_BK; j++) e[j] = round_bf16(exp_c(x[j] - mx));
+        for (int j = n; j < ATT_BK; j++) e[j] = 0.f;  /* exp_c saturates at 2^-150, not 0 */
+        for (int j = 0; j < ATT_BK; j += 16)
+            for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += e[j + l16];
+        for (int j = 0; j < ATT_BK / 2; j++) {
+            uint32_t lo, hi;
+            memcpy(&lo, &e[2 * j], 4);
+            memcpy(&hi, &e[2 * j + 1], 4);
+            pp[r][j] = (lo >> 16) | (hi & 0xFFFF0000u);  /* e is bf16-exact: its top halves */
+        }
+        alpha[r] = exp_c(m[r] - mx);
+        l[r] = l[r] * alpha[r] + sum16(sum16v);
+        m[r] = mx;
+    }
+}
+#endif
+
+/* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, the rescaled o, and
+   o += p v. */
+static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, int D, int n, float scale,
+                       const uint32_t *vT, float o[4][128], float m[4], float l[4]) {
+    float sc[4][ATT_BK], alpha[4];
+    uint32_t pp[4][ATT_BK / 2];
+    attn_scores_4x64(q, kT, ld, D2, sc);
+    attn_softmax_4x64(sc, n, scale, m, l, pp, alpha);
+    for (int r = 0; r < 4; r++)
+        for (int d = 0; d < D; d++) o[r][d] *= alpha[r];
+    attn_pv_4x64(pp, vT, D, o);
+}
+
+#define ATT_QG 8  /* groups of 4 query rows that share each key block while it is in L1 */
+
 void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_t *out, float scale, int threads) {
     const int S = N / L, D2 = D / 2, Lp = (L + ATT_BK - 1) / ATT_BK * ATT_BK;
     const size_t row = (size_t)3 * H * D;  /* qkv's row stride, in bf16 values */
@@ -626,6 +674,7 @@ void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_
     {
         uint32_t *kT = aligned_alloc(64, sizeof(uint32_t) * (size_t)D2 * Lp);  /* [D/2][Lp] key pairs along d */
         uint32_t *vT = aligned_alloc(64, sizeof(uint32_t) * (size_t)(Lp / 2) * D);  /* [Lp/2][D] pairs along keys */
+        float (*o)[4][128] = malloc(sizeof(float) * ATT_QG * 4 * 128);
         #pragma omp for schedule(dynamic, 1)
         for (int sh = 0; sh < S * H; sh++) {
             const int s = sh / H, h = sh % H;
@@ -639,49 +688,32 @@ void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_
                     *pair = j < L ? v[d] : 0;
                 }
             }
-            for (int i0 = 0; i0 < L; i0 += 4) {
-                const int R = L - i0 < 4 ? L - i0 : 4;
-                const uint32_t *q[4];
-                for (int r = 0; r < 4; r++)
-                    q[r] = (const uint32_t *)(base + (size_t)(i0 + (r < R ? r : 0)) * row + (size_t)h * D);
-                float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};
+            for (int i0 = 0; i0 < L; i0 += 4 * ATT_QG) {  /* up to ATT_QG groups of 4 query rows */
+                const int G = (L - i0 + 3) / 4 < ATT_QG ? (L - i0 + 3) / 4 : ATT_QG;
+                const uint32_t *q[ATT_QG][4];
+                float m[ATT_QG][4], l[ATT_QG][4];
+                for (int g = 0; g < G; g++)
+                    for (int r = 0; r < 4; r++) {
+                        const int i = i0 + 4 * g + r < L ? i0 + 4 * g + r : i0;  /* rows past L: a dummy */
+                        q[g][r] = (const uint32_t *)(base + (size_t)i * row + (size_t)h * D);
+                        m[g][r] = -INFINITY;
+                        l[g][r] = 0.f;
+                        for (int d = 0; d < D; d++) o[g][r][d] = 0.f;
+                    }
                 for (int j0 = 0; j0 < L; j0 += ATT_BK) {
                     const int n = L - j0 < ATT_BK ? L - j0 : ATT_BK;
-                    float sc[4][ATT_BK];
-                    uint32_t pp[4][ATT_BK / 2];
-                    attn_scores_4x64(q, kT + j0, Lp, D2, sc);
-                    for (int r = 0; r < 4; r++) {  /* written in fixed-length loops, so that they vectorize */
-                        float *x = sc[r], mx16[16], e[ATT_BK], sum16v[16] = {0};
-                        for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
-                        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m[r];
-                        for (int j = 0; j < ATT_BK; j += 16)
-                            for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
-                        float mx = mx16[0];
-                        for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
-                        for (int j = 0; j < ATT_BK; j++) e[j] = round_bf16(exp_c(x[j] - mx));
-                        for (int j = n; j < ATT_BK; j++) e[j] = 0.f;  /* exp_c saturates at 2^-150, not 0 */
-                        for (int j = 0; j < ATT_BK; j += 16)
-                            for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += e[j + l16];
-                        for (int j = 0; j < ATT_BK / 2; j++) {
-                            uint32_t lo, hi;
-                            memcpy(&lo, &e[2 * j], 4);
-                            memcpy(&hi, &e[2 * j + 1], 4);
-                            pp[r][j] = (lo >> 16) | (hi & 0xFFFF0000u);  /* e is bf16-exact: its top halves */
-                        }
-                        const float alpha = exp_c(m[r] - mx);
-                        l[r] = l[r] * alpha + sum16(sum16v);
-                        m[r] = mx;
-                        for (int d = 0; d < D; d++) o[r][d] *= alpha;
-                    }
-                    attn_pv_4x64(pp, vT + (size_t)(j0 / 2) * D, D, o);
+                    for (int g = 0; g < G; g++)
+                        attn_block(q[g], kT + j0, Lp, D2, D, n, scale, vT + (size_t)(j0 / 2) * D, o[g], m[g], l[g]);
                 }
-                for (int r = 0; r < R; r++) {
-                    uint16_t *dst = out + ((size_t)(s * L + i0 + r) * H + h) * D;
-                    for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r][d] / l[r]);
+                for (int i = i0; i < i0 + 4 * G && i < L; i++) {
+                    const int g = (i - i0) / 4, r = (i - i0) % 4;
+                    uint16_t *dst = out + ((size_t)(s * L + i) * H + h) * D;
+                    for (int d = 0; d < D; d++) dst[d] = to_bf16(o[g][r][d] / l[g][r]);
                 }
             }
         }
         free(kT);
         free(vT);
+        free(o);
     }
 }

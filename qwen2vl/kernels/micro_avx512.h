@@ -214,6 +214,64 @@ static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, i
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(sc[r] + 16 * c, acc[r][c]);
 }
 
+/* kernels.c's exp_c in vectors: the same operations in the same order. */
+static inline __m512 exp_v(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(104.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512i k = _mm512_cvtps_epi32(n);
+    const __m512i k1 = _mm512_srai_epi32(_mm512_add_epi32(k, _mm512_srli_epi32(k, 31)), 1);  /* k / 2, as C */
+    const __m512i bias = _mm512_set1_epi32(127);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k1, bias), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(k, k1), bias), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+}
+
+/* kernels.c's attn_softmax_4x64 in vectors: the bf16 rounding and pair packing in one vcvtne2ps2bf16 per 32 values
+   (round to nearest even, as round_bf16). */
+#define QK_HAVE_ATTN_SOFTMAX 1
+static void attn_softmax_4x64(float sc[4][64], int n, float scale, float m[4], float l[4], uint32_t pp[4][32],
+                              float alpha[4]) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
+    for (int r = 0; r < 4; r++) {
+        __m512 x[4];
+        __m512 mv = _mm512_set1_ps(m[r]);
+        for (int c = 0; c < 4; c++) {
+            const int left = n - 16 * c;
+            const __mmask16 valid = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            x[c] = _mm512_mask_mul_ps(ninf, valid, _mm512_loadu_ps(sc[r] + 16 * c), sv);
+            mv = _mm512_max_ps(mv, x[c]);
+        }
+        const float mx = _mm512_reduce_max_ps(mv);
+        __m512 sum = _mm512_setzero_ps(), e[4];
+        for (int c = 0; c < 4; c++) {
+            const int left = n - 16 * c;
+            const __mmask16 valid = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            e[c] = _mm512_maskz_mov_ps(valid, exp_v(_mm512_sub_ps(x[c], _mm512_set1_ps(mx))));
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512bh b = _mm512_cvtne2ps_pbh(e[2 * h + 1], e[2 * h]);
+            _mm512_storeu_si512(pp[r] + 16 * h, (__m512i)b);
+            /* the sum of the rounded values: widen the bf16 back to float32 */
+            const __m512i u = (__m512i)b;
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u))));
+        }
+        alpha[r] = exp_c(m[r] - mx);
+        l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+        m[r] = mx;
+    }
+}
+
 static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, float o[4][128]) {
     const int C = D / 16;
     __m512 acc[4][8];
