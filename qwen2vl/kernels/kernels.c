@@ -612,8 +612,12 @@ static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, i
         }
 }
 
-/* o[r][d] += sum over 64 keys of p[r][j] v[j][d]: pp[r] holds p as bf16 pairs, vT ([32][D] pairs of keys). */
-static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, float o[4][128]) {
+/* o[r][d] = o[r][d] alpha[r] + sum over 64 keys of p[r][j] v[j][d]: pp[r] holds p as bf16 pairs, vT ([32][D]
+   pairs of keys). */
+static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, const float alpha[4],
+                         float o[4][128]) {
+    for (int r = 0; r < 4; r++)
+        for (int d = 0; d < D; d++) o[r][d] *= alpha[r];
     for (int r = 0; r < 4; r++)
         for (int jp = 0; jp < 32; jp++)
             for (int d = 0; d < D; d++) o[r][d] += pair_dot(pp[r][jp], vT[(size_t)jp * D + d]);
@@ -652,7 +656,7 @@ static void attn_softmax_4x64(float sc[4][ATT_BK], int n, float scale, float m[4
 }
 #endif
 
-/* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, the rescaled o, and
+/* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, then o rescaled and
    o += p v. */
 static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, int D, int n, float scale,
                        const uint32_t *vT, float o[4][128], float m[4], float l[4]) {
@@ -660,9 +664,7 @@ static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2,
     uint32_t pp[4][ATT_BK / 2];
     attn_scores_4x64(q, kT, ld, D2, sc);
     attn_softmax_4x64(sc, n, scale, m, l, pp, alpha);
-    for (int r = 0; r < 4; r++)
-        for (int d = 0; d < D; d++) o[r][d] *= alpha[r];
-    attn_pv_4x64(pp, vT, D, o);
+    attn_pv_4x64(pp, vT, D, alpha, o);
 }
 
 #define ATT_QG 8  /* groups of 4 query rows that share each key block while it is in L1 */

@@ -272,11 +272,12 @@ static void attn_softmax_4x64(float sc[4][64], int n, float scale, float m[4], f
     }
 }
 
-static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, float o[4][128]) {
-    const int C = D / 16;
+/* C (= D / 16, a constant once inlined: the accumulators stay in registers) vectors of o per row. */
+static inline __attribute__((always_inline)) void attn_pv_c(const uint32_t pp[4][32], const uint32_t *vT, int D,
+                                                            const float alpha[4], float o[4][128], const int C) {
     __m512 acc[4][8];
     for (int r = 0; r < 4; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm512_loadu_ps(o[r] + 16 * c);
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + 16 * c), _mm512_set1_ps(alpha[r]));
     for (int jp = 0; jp < 32; jp++) {
         __m512bh v[8];
         for (int c = 0; c < C; c++) v[c] = (__m512bh)_mm512_loadu_si512(vT + (size_t)jp * D + 16 * c);
@@ -287,6 +288,20 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, fl
     }
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < C; c++) _mm512_storeu_ps(o[r] + 16 * c, acc[r][c]);
+}
+
+static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, const float alpha[4],
+                         float o[4][128]) {
+    switch (D / 16) {
+        case 8: attn_pv_c(pp, vT, D, alpha, o, 8); break;
+        case 7: attn_pv_c(pp, vT, D, alpha, o, 7); break;
+        case 6: attn_pv_c(pp, vT, D, alpha, o, 6); break;
+        case 5: attn_pv_c(pp, vT, D, alpha, o, 5); break;
+        case 4: attn_pv_c(pp, vT, D, alpha, o, 4); break;
+        case 3: attn_pv_c(pp, vT, D, alpha, o, 3); break;
+        case 2: attn_pv_c(pp, vT, D, alpha, o, 2); break;
+        default: attn_pv_c(pp, vT, D, alpha, o, 1); break;
+    }
 }
 #endif
 
