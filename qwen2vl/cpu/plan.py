@@ -126,7 +126,7 @@ def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
 
 def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     v, t = cfg.vision, cfg.text
-    return {"vision": (256, v.embed_dim, v.mlp_dim), "prefill": (128, t.hidden_size, t.intermediate_size),
+    return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, t.hidden_size, t.intermediate_size),
             "decode": (1, t.hidden_size, t.intermediate_size), "attention": (512, v.num_heads, v.head_dim)}
 
 
@@ -164,30 +164,30 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     shapes = _shapes(cfg)
     k = kernels.load(isa) if isa else None
     out = {}
-    for part in ("vision", "prefill"):
+    for part in ("vision", "prefill"):  # as the vision tower's linears run (with a bias), and dense prefill
         M, K, N = shapes[part]
-        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
+        x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02, torch.randn(N, generator=g)
         for dtype in (torch.float32, torch.bfloat16):
-            xd, wd = x.to(dtype), w.to(dtype)
-            out[f"{part}_{_SHORT[dtype]}"] = _best(lambda: torch.mm(xd, wd.t()))
-    if k is not None:  # the quantized layers' prefill paths as they run: dequantize W^T then multiply, or int8
-        M, K, N = shapes["prefill"]
-        x = torch.randn(M, K, generator=g)
-        packed = q4x16_pack(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8),
-                            torch.rand(K // 128, N, generator=g).half().float() * 0.01, torch.full((K // 128, N), 8.0))
-        for dtype in (torch.float32, torch.bfloat16):
-            wt, xd = torch.empty(K, N, dtype=dtype), x.to(dtype)
-            out[f"prefill_{_SHORT[dtype]}"] = _best(lambda: torch.mm(xd, k.q4x16_dequant_t(*packed, wt)))
-        out["prefill_int8"] = _best(lambda: k.q4x16_gemm_i8(k.act_quant_i8(x), *packed))
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            out[f"{part}_{_SHORT[dtype]}"] = _best(lambda: torch.nn.functional.linear(xd, wd, bd))
         if part == "vision" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
                 torch.backends.mkldnn.is_available():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), M)
-                xb = x.bfloat16()
+                xb, bb = x.bfloat16(), b.bfloat16()
                 out["vision_packed"] = _best(
-                    lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [None], ""))
+                    lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, bb, "none", [None], ""))
             except RuntimeError:  # this torch's oneDNN has no bf16 path here
                 pass
+    if k is not None:  # the quantized layers' prefill paths as they run: dequantize W^T then multiply, or int8
+        M, K, N = shapes["prefill"]
+        x = torch.randn(M, K, generator=g)
+        layer = q4x16_pack(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8),
+                           torch.rand(K // 128, N, generator=g).half().float() * 0.01, torch.full((K // 128, N), 8.0))
+        for dtype in (torch.float32, torch.bfloat16):
+            wt, xd = torch.empty(K, N, dtype=dtype), x.to(dtype)
+            out[f"prefill_{_SHORT[dtype]}"] = _best(lambda: torch.mm(xd, k.q4x16_dequant_t(*layer, wt)))
+        out["prefill_int8"] = _best(lambda: k.q4x16_gemm_i8(k.act_quant_i8(x), *layer))
     L, H, D = shapes["attention"]
     qkv = torch.randn(L, 3, H, D, generator=g).bfloat16()
     q, kk, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # (1, H, L, D), as Segments.attention
