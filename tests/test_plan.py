@@ -63,6 +63,19 @@ def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
     assert exact.decode == ("float32" if exact.isa else "reference") and exact.head == "exact"
 
 
+def test_every_candidate_is_timed(cfg):
+    """The real measurement (on the model's shapes) times every candidate the plan weighs, where this machine has it:
+    float32 and bf16 vision linears and their prepacked form, the prefill paths (int8 with native kernels), SDPA and
+    the native attention, and the decode kernels."""
+    t = plan_module._time_candidates(cfg, kernels.isa() if kernels.load() is not None else None)
+    want = {"vision_float32", "vision_bf16", "prefill_float32", "prefill_bf16", "attention_sdpa"}
+    if torch.backends.mkldnn.is_available():
+        want.add("vision_packed")
+    if kernels.load() is not None:
+        want |= {"prefill_int8", "decode_q4x16", "attention_native"}
+    assert want <= t.keys() and all(v > 0 for v in t.values()), (want - t.keys(), t)
+
+
 def test_int8_prefill_only_when_asked(cfg, monkeypatch):
     """int8 prefill activations cost more accuracy than bf16 (BENCHMARKS.md), so the plan takes them only where
     QWEN2VL_PREFILL=int8 asks, however fast they measured; QWEN2VL_PREFILL=float32|bf16 overrides the timing."""
