@@ -33,6 +33,7 @@
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
+#include <fcntl.h>
 
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
 #define MADD(a, b, c) fmaf((a), (b), (c))  /* one rounding, in hardware */
@@ -418,10 +419,16 @@ void awq_unpack_t(const uint32_t *qw, int K, int N, const int *order, uint8_t *q
 }
 
 /* out (n, row_bytes) = rows[i] of a table at byte `offset` of the open file fd, one pread per row, in parallel: the
-   LM head's exact rows, a few hundred scattered rows per decode step. Returns 0, or -1 if a read failed or the file
-   ended early. */
+   LM head's exact rows, a few hundred scattered rows per decode step. Every row is first announced to the kernel
+   (POSIX_FADV_WILLNEED starts reading it in the background), so that rows the page cache no longer holds are read
+   from the disk together rather than one after another (two threads' preads: 18 against 29 tokens/s decoding once
+   the file had left the cache). Returns 0, or -1 if a read failed or the file ended early. */
 int read_rows(int fd, long long offset, long long row_bytes, const int64_t *rows, int n, uint8_t *out, int threads) {
     int bad = 0;
+#ifdef POSIX_FADV_WILLNEED
+    for (int i = 0; i < n; i++) posix_fadvise(fd, (off_t)(offset + rows[i] * row_bytes), (off_t)row_bytes,
+                                              POSIX_FADV_WILLNEED);
+#endif
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
     for (int i = 0; i < n; i++) {
         long long done = 0;

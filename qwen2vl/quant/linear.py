@@ -184,7 +184,7 @@ class QuantLinear(nn.Module):
         fused.exact, fused.kernel, fused.prepared, fused.kernels = True, first.kernel, True, first.kernels
         fused.few = fused.bulk_matmul if first.few == first.bulk_matmul else \
             fused._q4x16 if first.kernel == "q4x16" else fused._int4_cpu
-        fused.many = first.many.__func__.__get__(fused)
+        fused.many = fused._q4x16_int8 if first.many == first._q4x16_int8 else fused.bulk_matmul
         for p in parts:  # the parts keep their names (and shapes) but no longer hold weights
             for name in ("packed", "scale_zero", "scales", "zeros"):
                 setattr(p, name, None)
