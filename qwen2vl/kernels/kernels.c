@@ -595,8 +595,8 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
    The vision tower's attention: softmax attention within segments of L consecutive rows (one image or video slice
    each), for bf16 q, k, v read from qkv (N, 3, H, D) after the rotary, into out (N, H, D) bf16. Flash-style: per
    (segment, head), K and V are packed once into bf16 pairs; up to 32 query rows at a time run over key blocks of 64
-   (each block, ~20 KB, shared by 8 groups of 4 rows while it is in L1; one group per pass streamed all of K and V
-   from L3 at 896x896) with an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
+   (each block, ~20 KB, is reused from L1 by 8 groups of 4 rows rather than read again from L2 or L3 per group) with
+   an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
    does) and the float32 output is normalized once at the end. D % 32 == 0 or D % 16 == 0 with D <= 128.
    ------------------------------------------------------------------------------------------------------------ */
 #define ATT_BK 64
