@@ -594,8 +594,7 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
 /* ------------------------------------------------------------------------------------------------------------
    The vision tower's attention: softmax attention within segments of L consecutive rows (one image or video slice
    each), for bf16 q, k, v read from qkv (N, 3, H, D) after the rotary, into out (N, H, D) bf16. Flash-style: per
-   (segment, head), K and V are packed once into bf16 pairs; up to 32 query rows at a time run over key blocks of 64
-   (each block, ~20 KB, is reused from L1 by 8 groups of 4 rows rather than read again from L2 or L3 per group) with
+   (segment, head), K and V are packed once into bf16 pairs; four query rows at a time run over key blocks of 64 with
    an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
    does) and the float32 output is normalized once at the end. D % 32 == 0 or D % 16 == 0 with D <= 128.
    ------------------------------------------------------------------------------------------------------------ */
@@ -674,8 +673,6 @@ static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2,
     attn_pv_4x64(pp, vT, D, alpha, o);
 }
 
-#define ATT_QG 8  /* groups of 4 query rows that share each key block while it is in L1 */
-
 void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_t *out, float scale, int threads) {
     const int S = N / L, D2 = D / 2, Lp = (L + ATT_BK - 1) / ATT_BK * ATT_BK;
     const size_t row = (size_t)3 * H * D;  /* qkv's row stride, in bf16 values */
@@ -683,7 +680,6 @@ void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_
     {
         uint32_t *kT = aligned_alloc(64, sizeof(uint32_t) * (size_t)D2 * Lp);  /* [D/2][Lp] key pairs along d */
         uint32_t *vT = aligned_alloc(64, sizeof(uint32_t) * (size_t)(Lp / 2) * D);  /* [Lp/2][D] pairs along keys */
-        float (*o)[4][128] = malloc(sizeof(float) * ATT_QG * 4 * 128);
         #pragma omp for schedule(dynamic, 1)
         for (int sh = 0; sh < S * H; sh++) {
             const int s = sh / H, h = sh % H;
@@ -697,32 +693,22 @@ void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_
                     *pair = j < L ? v[d] : 0;
                 }
             }
-            for (int i0 = 0; i0 < L; i0 += 4 * ATT_QG) {  /* up to ATT_QG groups of 4 query rows */
-                const int G = (L - i0 + 3) / 4 < ATT_QG ? (L - i0 + 3) / 4 : ATT_QG;
-                const uint32_t *q[ATT_QG][4];
-                float m[ATT_QG][4], l[ATT_QG][4];
-                for (int g = 0; g < G; g++)
-                    for (int r = 0; r < 4; r++) {
-                        const int i = i0 + 4 * g + r < L ? i0 + 4 * g + r : i0;  /* rows past L: a dummy */
-                        q[g][r] = (const uint32_t *)(base + (size_t)i * row + (size_t)h * D);
-                        m[g][r] = -INFINITY;
-                        l[g][r] = 0.f;
-                        for (int d = 0; d < D; d++) o[g][r][d] = 0.f;
-                    }
-                for (int j0 = 0; j0 < L; j0 += ATT_BK) {
-                    const int n = L - j0 < ATT_BK ? L - j0 : ATT_BK;
-                    for (int g = 0; g < G; g++)
-                        attn_block(q[g], kT + j0, Lp, D2, D, n, scale, vT + (size_t)(j0 / 2) * D, o[g], m[g], l[g]);
-                }
-                for (int i = i0; i < i0 + 4 * G && i < L; i++) {
-                    const int g = (i - i0) / 4, r = (i - i0) % 4;
-                    uint16_t *dst = out + ((size_t)(s * L + i) * H + h) * D;
-                    for (int d = 0; d < D; d++) dst[d] = to_bf16(o[g][r][d] / l[g][r]);
+            for (int i0 = 0; i0 < L; i0 += 4) {
+                const int R = L - i0 < 4 ? L - i0 : 4;
+                const uint32_t *q[4];
+                for (int r = 0; r < 4; r++)
+                    q[r] = (const uint32_t *)(base + (size_t)(i0 + (r < R ? r : 0)) * row + (size_t)h * D);
+                float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};
+                for (int j0 = 0; j0 < L; j0 += ATT_BK)
+                    attn_block(q, kT + j0, Lp, D2, D, L - j0 < ATT_BK ? L - j0 : ATT_BK, scale,
+                               vT + (size_t)(j0 / 2) * D, o, m, l);
+                for (int r = 0; r < R; r++) {
+                    uint16_t *dst = out + ((size_t)(s * L + i0 + r) * H + h) * D;
+                    for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r][d] / l[r]);
                 }
             }
         }
         free(kT);
         free(vT);
-        free(o);
     }
 }
