@@ -95,7 +95,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
                 k is not None, attention, prefill, decode, "scan-int8", reasons)
 
 
-PREFILL_CHOICES = ("float32", "bf16", "int8")
+PREFILL_CHOICES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def _prefill(t: dict[str, float], isa: str | None) -> tuple[torch.dtype, str]:
@@ -109,8 +109,7 @@ def _prefill(t: dict[str, float], isa: str | None) -> tuple[torch.dtype, str]:
     if want == "int8" and "prefill_int8" not in t:
         return torch.float32, why + "; QWEN2VL_PREFILL=int8 needs the native kernels: float32"
     if want:
-        return {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[want], \
-            why + f"; chosen by QWEN2VL_PREFILL={want}"
+        return PREFILL_CHOICES[want], why + f"; chosen by QWEN2VL_PREFILL={want}"
     return (torch.bfloat16 if t["prefill_bf16"] < 0.9 * t["prefill_float32"] else torch.float32), why
 
 
@@ -164,7 +163,8 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     shapes = _shapes(cfg)
     k = kernels.load(isa) if isa else None
     out = {}
-    for part in ("vision", "prefill"):  # as the vision tower's linears run (with a bias), and dense prefill
+    # The vision tower's linears as they run (with a bias); prefill here only without native kernels (below otherwise).
+    for part in ("vision",) if k is not None else ("vision", "prefill"):
         M, K, N = shapes[part]
         x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02, torch.randn(N, generator=g)
         for dtype in (torch.float32, torch.bfloat16):
