@@ -411,6 +411,9 @@ def test_native_decode_equals_the_model_layers(awq_model):
         fast.engine.run([seq])
         return [d.token for d in deltas], torch.tensor([[v for _, v in d.top_logprobs] for d in deltas])
 
+    text._apply(lambda t: t.clone())  # as module.to() can: new tensors, which the native layers must point to
+    assert all(getattr(layer.struct, name) == t.data_ptr() for layer in text.layers
+               for name, t in layer._tensors().items())
     tokens, logprobs = decode()
     ref_tokens, ref_logprobs = with_model_layers(text, decode)
     assert tokens == ref_tokens

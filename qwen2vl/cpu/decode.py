@@ -56,6 +56,11 @@ class NativeDecoderLayer(nn.Module):
         for name, t in self.tensors.items():
             setattr(self.struct, name, t.data_ptr())
 
+    def _apply(self, fn, *args, **kwargs):  # module.to() and the like may give the wrapped layer new tensors
+        out = super()._apply(fn, *args, **kwargs)
+        self._point()
+        return out
+
     @staticmethod
     def applies(layer: nn.Module) -> bool:
         qkv, o, gu, dn = _parts(layer)
@@ -77,8 +82,6 @@ class NativeDecoderLayer(nn.Module):
         starts = key_starts(mask)
         if starts is False:
             return self.layer(x, cos, sin, mask, cache)
-        if any(getattr(self.struct, n) != t.data_ptr() for n, t in self.tensors.items()):
-            self._point()  # a parameter's data was replaced in place (module.to()); `tensors` keeps the rest alive
         out = x.contiguous().clone()  # (B, 1, D), updated in place
         i, s = self.layer.self_attn.layer, cache.k.stride(0) * 4  # this layer's (B, Hkv, cap, hd) cache, in bytes
         self.kernels.lib.decode_layer(ctypes.byref(self.struct), out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
