@@ -50,14 +50,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
+    @staticmethod
+    def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q (B, L, H, D) and k (B, L, Hkv, D) under M-RoPE (cos, sin (B, L, 1, D)). The CPU plan may set an
+        instance's `rotate` to an in-place native kernel with the same numbers."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = fanout(x, self.q_proj, self.k_proj, self.v_proj)
-        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = k.reshape(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        q, k = self.rotate(q.reshape(B, L, self.n_heads, self.head_dim), k.reshape(B, L, self.n_kv, self.head_dim),
+                           cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, D), (B, Hkv, L, D)
         v = v.reshape(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), post-rotary keys
         if L == 1 and mask is None:  # decoding: each kv head's query heads as its queries (2x faster than GQA SDPA)
@@ -110,7 +116,7 @@ class TextModel(nn.Module):
     def forward(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """embeds (B, L, D), cos/sin (B, L, head_dim), mask bool (B, 1, L, S) or None -> hidden (B, L, D)."""
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, L, 1, D): broadcast over heads
         h = embeds
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)

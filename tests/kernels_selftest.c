@@ -66,8 +66,12 @@ int main(void) {
     static float qkv[5 * 3 * H * D], cs[5 * D], sn[5 * D];
     for (int i = 0; i < 5 * 3 * H * D; i++) qkv[i] = rnd();
     for (int i = 0; i < 5 * D; i++) { cs[i] = rnd(); sn[i] = rnd(); }
-    rotary_qk(qkv, 5, H, D, cs, sn, 0, 2);
-    show("rotary_qk", qkv, 5 * 3 * H * D);
+    rotary(qkv, 5, 3 * H * D, 2 * H, D, cs, sn, 0, 2);
+    show("rotary", qkv, 5 * 3 * H * D);
+    static float nx[5 * 3 * H * D], nw[3 * H * D];
+    for (int i = 0; i < 3 * H * D; i++) nw[i] = 1 + 0.1f * rnd();
+    rms_norm(qkv, nw, 5, 3 * H * D, 1e-6f, nx, 2);
+    show("rms_norm", nx, 5 * 3 * H * D);
 
     /* One decoder layer of 128 hidden, 2 heads (1 kv head) of 64, MLP 256, at position 2 of a 4-slot cache. */
     enum { Dm = 128, Hq = 2, Hkv = 1, hd = 64, I = 256, cap = 4 };

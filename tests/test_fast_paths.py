@@ -184,9 +184,52 @@ def test_native_vision_rotary_equals_torch(dtype, native):
     """The in-place kernel gives the torch formula's numbers bit for bit (same float32 ops, same rounding)."""
     qkv, cos, sin = _qkv(dtype)
     ref = rotate_qk(qkv, cos, sin)
-    out = native.rotary_qk(qkv.clone(), cos, sin).unbind(1)
+    out = native.rotary_(qkv.clone().view(len(qkv), -1), 2 * qkv.shape[2], cos, sin).view(qkv.shape).unbind(1)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
+
+
+def test_native_text_rotary_equals_torch(native):
+    """The text attention's rotate hook, natively in place on a fused q/k/v output (two sequences of 37 tokens,
+    M-RoPE angles of the 2B config's sections): the model's own rotate's numbers bit for bit, v untouched; on
+    separate q and k tensors it falls back to the model's own."""
+    from qwen2vl.cpu.text import native_rotate
+    from qwen2vl.rope import mrope_cos_sin
+    from qwen2vl.text import Attention
+
+    B, L, H, Hkv, D = 2, 37, 6, 2, 128
+    g = torch.Generator().manual_seed(1)
+    positions = torch.randint(0, 500, (3, B, L), generator=g)
+    cos, sin = mrope_cos_sin(positions, D, 1e6, (16, 24, 24), torch.float32)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    fused = torch.randn(B, L, (H + 2 * Hkv) * D, generator=g) * 3
+    q, k, v = fused.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k = q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D)
+    ref_q, ref_k = Attention.rotate(q, k, cos, sin)
+    v_before = v.clone()
+    out_q, out_k = native_rotate(native)(q, k, cos, sin)
+    assert out_q.data_ptr() == q.data_ptr()  # in place
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k) and torch.equal(v, v_before)
+    q2, k2 = torch.randn(B, L, H, D, generator=g), torch.randn(B, L, Hkv, D, generator=g)
+    a, b = native_rotate(native)(q2, k2, cos, sin)
+    assert all(torch.equal(x, y) for x, y in zip((a, b), Attention.rotate(q2, k2, cos, sin)))
+
+
+def test_native_rms_norm_matches_torch(native):
+    """RMSNorm in one pass: within 1e-6 relative of torch's ops (the sum of squares in another order), on rows of
+    the 2B width and on a width that is not a multiple of 16."""
+    from qwen2vl.cpu.text import NativeRMSNorm
+    from qwen2vl.text import RMSNorm
+
+    g = torch.Generator().manual_seed(2)
+    for D in (1536, 100):
+        norm = RMSNorm(D, 1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+        x = torch.randn(3, 41, D, generator=g) * 5
+        ref = norm(x)
+        got = NativeRMSNorm(norm, native)(x)
+        assert ((got - ref).abs() <= 1e-6 * ref.abs().max()).all()
 
 
 def test_native_quick_gelu_matches_torch(native):

@@ -11,16 +11,19 @@ from .head import ScanHead
 from .mlp import PrefillMLP
 from .plan import Plan, decide
 from .vision import PackedLinear
-from . import vision as _vision
+from . import text as _text, vision as _vision
 
 
 def swap_after_load(module: nn.Module, plan: Plan) -> None:
-    """After loading and fusing: the plan's layers for prefill MLPs, one-call decode layers and the vision tower."""
+    """After loading and fusing: the plan's layers for the text model's norms and rotary, prefill MLPs, one-call
+    decode layers and the vision tower."""
     if plan.device != "cpu":
         return
     k = plan.kernels
     if k is not None:
         text = module.model
+        if plan.text_kernels:
+            _text.swap(text, k)
         for name, m in list(text.named_modules()):
             if isinstance(m, MLP) and PrefillMLP.applies(m):
                 parent, _, child = name.rpartition(".")

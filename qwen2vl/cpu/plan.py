@@ -38,6 +38,7 @@ class Plan:
     prefill_dtype: torch.dtype
     decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
+    text_kernels: bool  # native RMSNorm (sums in another order than torch's) and rotary in the text decoder
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -50,6 +51,7 @@ class Plan:
                 ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears, "
                            f"{self.vision_attention} attention"
                            + (", native rotary and quick_gelu" if self.vision_kernels else "")),
+                ("text", "native RMSNorm and rotary" if self.text_kernels else "torch ops"),
                 ("prefill matmuls", "int8 activations per 32 inputs x int4 weights" if self.prefill_dtype == torch.int8
                  else _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
                 ("LM head", self.head)]
@@ -64,7 +66,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     where they apply (`applies`: a quantized checkpoint with 16-bit storage computed in float32 on a CPU)."""
     if device.type != "cpu":
         return Plan(str(device), False, None, compute, "torch", False, "torch", compute, "reference", "exact",
-                    {"device": "not a CPU: torch's own kernels"})
+                    False, {"device": "not a CPU: torch's own kernels"})
     reasons = {}
     k = kernels.load()
     isa = k.isa if k is not None else None
@@ -75,7 +77,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
         decode = "float32" if k is not None else "reference"  # dequantized to float32 at every size
         reasons["exact"] = "fast=False" if fast is False else "a dense checkpoint computes in its own dtype"
         return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, "torch", compute,
-                    decode, "exact", reasons)
+                    decode, "exact", False, reasons)
     t = measure(cfg, isa)
     bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
     prefill, reasons["prefill"] = _prefill(t, isa)
@@ -92,7 +94,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     else:
         decode = "torch-int4"
     return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
-                k is not None, attention, prefill, decode, "scan-int8", reasons)
+                k is not None, attention, prefill, decode, "scan-int8", k is not None, reasons)
 
 
 PREFILL_CHOICES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}

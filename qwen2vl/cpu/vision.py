@@ -43,7 +43,7 @@ class NativeVisionAttention(nn.Module):
         if qkv.dtype != torch.bfloat16 or segments.index is not None or not qkv.is_contiguous():
             q, k, v = a.rotate(qkv, cos, sin)
             return a.proj(segments.attention(q, k, v).reshape(N, -1))
-        self.kernels.rotary_qk(qkv, cos, sin)
+        self.kernels.rotary_(qkv.view(N, -1), 2 * a.num_heads, cos, sin)
         return a.proj(self.kernels.vit_attention_bf16(qkv, segments.lengths[0]).view(N, -1))
 
 
@@ -53,7 +53,8 @@ def swap(visual: nn.Module, kernels, packed: bool, attention: bool = False) -> N
     if kernels is not None:
         def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
             if qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous() and qkv.shape[-1] <= 512:
-                return kernels.rotary_qk(qkv, cos, sin).unbind(1)
+                rows = kernels.rotary_(qkv.view(len(qkv), -1), 2 * qkv.shape[2], cos, sin)  # q's and k's heads
+                return rows.view(qkv.shape).unbind(1)
             return rotate_qk(qkv, cos, sin)
 
         def gelu(x: torch.Tensor) -> torch.Tensor:

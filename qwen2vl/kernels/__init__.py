@@ -160,7 +160,8 @@ class Kernels:
             "q8x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
             "act_quant_i8": [_P, _I, _I, _I, _I, _P, _P, _P, _I],
             "q4x16_gemm_i8": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I],
-            "rotary_qk": [_P, _I, _I, _I, _P, _P, _I, _I],
+            "rotary": [_P, _I, _I, _I, _I, _P, _P, _I, _I],
+            "rms_norm": [_P, _P, _I, _I, ctypes.c_float, _P, _I],
             "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
             "decode_layer": [_P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _I],
@@ -247,16 +248,27 @@ class Kernels:
                                 int(out.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
-    def rotary_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """qkv (N, 3, H, D) float32 or bfloat16, contiguous: q and k rotated in place by rope.apply_rotary's formula
-        in float32 (the same numbers as torch's ops), rounded back to qkv's dtype. cos, sin (N, 1, D) or (N, D)."""
-        N, three, H, D = qkv.shape
-        assert three == 3 and qkv.is_contiguous() and qkv.dtype in (torch.float32, torch.bfloat16) and D <= 512
+    def rotary_(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (N, W) float32 or bfloat16 whose rows are evenly strided (stride(1) == 1): the first `heads` heads of D
+        values of each row rotated in place by rope.apply_rotary's formula in float32 (the same numbers as torch's
+        ops), rounded back to x's dtype. cos, sin (N, D) float32, any leading shape of N rows. Returns x."""
+        N, W = x.shape
+        D = cos.shape[-1]
+        assert x.dtype in (torch.float32, torch.bfloat16) and x.stride(1) == 1 and heads * D <= W and D <= 512
         cos, sin = cos.reshape(N, D), sin.reshape(N, D)
         assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
-        self.lib.rotary_qk(qkv.data_ptr(), N, H, D, cos.data_ptr(), sin.data_ptr(), int(qkv.dtype == torch.bfloat16),
-                           torch.get_num_threads())
-        return qkv
+        self.lib.rotary(x.data_ptr(), N, x.stride(0) if N > 1 else W, heads, D, cos.data_ptr(), sin.data_ptr(),
+                        int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        return x
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of x (..., D) float32, contiguous, with weight (D,) float32: a new tensor."""
+        D = x.shape[-1]
+        assert x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous()
+        y = torch.empty_like(x)
+        self.lib.rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // D, D, eps, y.data_ptr(),
+                          torch.get_num_threads())
+        return y
 
     def quick_gelu_(self, x: torch.Tensor) -> torch.Tensor:
         """x * sigmoid(1.702 x) in place, x contiguous float32 or bfloat16."""

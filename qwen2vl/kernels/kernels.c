@@ -449,18 +449,20 @@ int read_rows(int fd, long long offset, long long row_bytes, const int64_t *rows
 
 /* Rotary on q and k of qkv (N, 3, H, D) in place, per (row, head) by rotate_row in float32, then rounded to the
    tensor's dtype. cos, sin (N, D) float32, sin sign-folded. */
-void rotary_qk(void *qkv, int N, int H, int D, const float *cos, const float *sin, int bf16, int threads) {
+/* The rotary in place on the first `heads` heads (of D values) of each of N rows of `row` values: a vision qkv row
+   (q's heads, then k's, then v's) or a text one (q's, k's, v's heads of a fused projection). cos, sin: (N, D). */
+void rotary(void *x, int N, int row, int heads, int D, const float *cos, const float *sin, int bf16, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const float *c = cos + (size_t)n * D, *s = sin + (size_t)n * D;
-        for (int h = 0; h < 2 * H; h++) {  /* q's heads, then k's */
-            const size_t o = ((size_t)n * 3 * H + h) * D;
-            float x[512], y[512];  /* D <= 512 */
-            if (bf16) for (int i = 0; i < D; i++) x[i] = bf16_to_float(((uint16_t *)qkv)[o + i]);
-            else memcpy(x, (float *)qkv + o, sizeof(float) * D);
-            rotate_row(x, y, D, c, s);
-            if (bf16) for (int i = 0; i < D; i++) ((uint16_t *)qkv)[o + i] = to_bf16(y[i]);
-            else memcpy((float *)qkv + o, y, sizeof(float) * D);
+        for (int h = 0; h < heads; h++) {
+            const size_t o = (size_t)n * row + (size_t)h * D;
+            float in[512], y[512];  /* D <= 512 */
+            if (bf16) for (int i = 0; i < D; i++) in[i] = bf16_to_float(((uint16_t *)x)[o + i]);
+            else memcpy(in, (float *)x + o, sizeof(float) * D);
+            rotate_row(in, y, D, c, s);
+            if (bf16) for (int i = 0; i < D; i++) ((uint16_t *)x)[o + i] = to_bf16(y[i]);
+            else memcpy((float *)x + o, y, sizeof(float) * D);
         }
     }
 }
@@ -524,6 +526,12 @@ static void rms_norm_row(const float *x, const float *w, int D, float eps, float
     for (; i < D; i++) ss += x[i] * x[i];
     const float r = 1.f / sqrtf(ss / (float)D + eps);
     for (i = 0; i < D; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* y = RMSNorm(x) over M rows of D (rms_norm_row's sums: 16 lanes, then a tree), rows in parallel. */
+void rms_norm(const float *x, const float *w, int M, int D, float eps, float *y, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, w, D, eps, y + (size_t)m * D);
 }
 
 /* Softmax attention of one query head q over S cached positions k, v (S, hd) -> out (hd,); p: S floats of scratch. */
