@@ -56,6 +56,18 @@ class Attention(nn.Module):
         instance's `rotate` to an in-place native kernel with the same numbers."""
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention of q (B, H, L, D) over k, v (B, Hkv, S, D) -> (B, L, H * D); mask (B, 1, L, S), or None
+        for every key (one query) or causal (L == S). The CPU plan may set an instance's `attend` to a native one."""
+        B, H, L, D = q.shape
+        if L == 1 and mask is None:  # decoding: each kv head's query heads as its queries (2x faster than GQA SDPA)
+            out = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, D), k, v).view(B, H, 1, D)
+        else:  # no mask for L > 1: a causal prompt without padding (attention_mask), ~2x less work in SDPA
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=H != k.shape[1])
+        return out.transpose(1, 2).reshape(B, L, -1)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, L, _ = x.shape
@@ -66,13 +78,7 @@ class Attention(nn.Module):
         v = v.reshape(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), post-rotary keys
-        if L == 1 and mask is None:  # decoding: each kv head's query heads as its queries (2x faster than GQA SDPA)
-            q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v).view(B, self.n_heads, 1, self.head_dim)
-        else:  # no mask for L > 1: a causal prompt without padding (attention_mask), ~2x less work in SDPA
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.n_heads != self.n_kv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+        return self.o_proj(self.attend(q, k, v, mask))
 
 
 class MLP(nn.Module):

@@ -105,9 +105,21 @@ int main(void) {
     static uint16_t aqkv[2 * AL * 3 * AH * AD], aout[2 * AL * AH * AD];
     static float af[2 * AL * AH * AD];
     for (int i = 0; i < 2 * AL * 3 * AH * AD; i++) aqkv[i] = to_bf16(2 * rnd());
-    vit_attention_bf16(aqkv, 2 * AL, AH, AD, AL, aout, 0.17677669f, 2);
+    const int64_t row = 3 * AH * AD, vst[12] = {AL * row, row, AD, AL * row, row, AD, AL * row, row, AD,
+                                                AL * AH * AD, AH * AD, AD};
+    attention_bf16(aqkv, aqkv + AH * AD, aqkv + 2 * AH * AD, aout, vst, 2, AL, AL, AH, AH, AD, 0, 1, 1, 0, 0.17677669f,
+                   2);
     for (int i = 0; i < 2 * AL * AH * AD; i++) af[i] = bf16_to_float(aout[i]);
     show("vit_attention_bf16", af, 2 * AL * AH * AD);
+    /* The text model's causal attention in float32: 4 query heads over 2 kv heads of 32, the last 67 of 70 keys'
+       rows as queries (keys before them cached), q (L, H, D) and k, v (Hkv, S, D) as the model lays them out. */
+    enum { TS = 70, TL = 67, TH = 4, TG = 2 };
+    static float tq[TL * TH * AD], tk[TG * TS * AD], tv[TG * TS * AD], to[TL * TH * AD];
+    for (int i = 0; i < TL * TH * AD; i++) tq[i] = 2 * rnd();
+    for (int i = 0; i < TG * TS * AD; i++) { tk[i] = 2 * rnd(); tv[i] = rnd(); }
+    const int64_t tst[12] = {0, TH * AD, AD, 0, AD, TS * AD, 0, AD, TS * AD, 0, TH * AD, AD};
+    attention_bf16(tq, tk, tv, to, tst, 1, TL, TS, TH, TG, AD, 1, 0, 0, 1, 0.17677669f, 2);
+    show("attention_causal", to, TL * TH * AD);
     printf("isa %s\n", kernels_isa());
     return 0;
 }

@@ -39,6 +39,7 @@ class Plan:
     decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
     text_kernels: bool  # native RMSNorm (sums in another order than torch's) and rotary in the text decoder
+    text_attention: str  # a prompt's causal attention: "native" (kernels.c, bf16) | "torch" (SDPA)
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -51,12 +52,13 @@ class Plan:
                 ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears, "
                            f"{self.vision_attention} attention"
                            + (", native rotary and quick_gelu" if self.vision_kernels else "")),
-                ("text", "native RMSNorm and rotary" if self.text_kernels else "torch ops"),
+                ("text", ("native RMSNorm and rotary" if self.text_kernels else "torch ops") +
+                 f", {self.text_attention} prompt attention"),
                 ("prefill matmuls", "int8 activations per 32 inputs x int4 weights" if self.prefill_dtype == torch.int8
                  else _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
                 ("LM head", self.head)]
-        lines = [f"{k:>16}: {v}" for k, v in rows]
-        lines += [f"{'why ' + k:>16}: {v}" for k, v in self.reasons.items()]
+        lines = [f"{k:>18}: {v}" for k, v in rows]
+        lines += [f"{'why ' + k:>18}: {v}" for k, v in self.reasons.items()]
         return "\n".join(lines)
 
 
@@ -66,7 +68,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     where they apply (`applies`: a quantized checkpoint with 16-bit storage computed in float32 on a CPU)."""
     if device.type != "cpu":
         return Plan(str(device), False, None, compute, "torch", False, "torch", compute, "reference", "exact",
-                    False, {"device": "not a CPU: torch's own kernels"})
+                    False, "torch", {"device": "not a CPU: torch's own kernels"})
     reasons = {}
     k = kernels.load()
     isa = k.isa if k is not None else None
@@ -77,7 +79,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
         decode = "float32" if k is not None else "reference"  # dequantized to float32 at every size
         reasons["exact"] = "fast=False" if fast is False else "a dense checkpoint computes in its own dtype"
         return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, "torch", compute,
-                    decode, "exact", False, reasons)
+                    decode, "exact", False, "torch", reasons)
     t = measure(cfg, isa)
     bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
     prefill, reasons["prefill"] = _prefill(t, isa)
@@ -87,6 +89,9 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     attention = "native" if bf16_vit and t.get("attention_native", float("inf")) < t["attention_sdpa"] else "torch"
     reasons["attention"] = f"SDPA bf16 {t['attention_sdpa'] * 1e3:.1f} ms" + (
         f" vs native ({isa}) {t['attention_native'] * 1e3:.1f} ms" if "attention_native" in t else "")
+    text_attention = "native" if t.get("text_attention_native", float("inf")) < t["text_attention_sdpa"] else "torch"
+    reasons["text attention"] = f"SDPA float32 {t['text_attention_sdpa'] * 1e3:.1f} ms" + (
+        f" vs native bf16 ({isa}) {t['text_attention_native'] * 1e3:.1f} ms" if "text_attention_native" in t else "")
     if k is not None:
         decode = "native-layer" if t["decode_q4x16"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
         reasons["decode"] = f"q4x16 ({isa}) {t['decode_q4x16'] * 1e3:.2f} ms" + (
@@ -94,7 +99,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     else:
         decode = "torch-int4"
     return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
-                k is not None, attention, prefill, decode, "scan-int8", k is not None, reasons)
+                k is not None, attention, prefill, decode, "scan-int8", k is not None, text_attention, reasons)
 
 
 PREFILL_CHOICES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -128,7 +133,8 @@ def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
 def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     v, t = cfg.vision, cfg.text
     return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, t.hidden_size, t.intermediate_size),
-            "decode": (1, t.hidden_size, t.intermediate_size), "attention": (512, v.num_heads, v.head_dim)}
+            "decode": (1, t.hidden_size, t.intermediate_size), "attention": (512, v.num_heads, v.head_dim),
+            "text_attention": (512, t.num_attention_heads, t.num_key_value_heads, t.head_dim)}
 
 
 def measure(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
@@ -194,6 +200,14 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     qkv = torch.randn(L, 3, H, D, generator=g).bfloat16()
     q, kk, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # (1, H, L, D), as Segments.attention
     out["attention_sdpa"] = _best(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, v))
+    Lt, Ht, Hkv, Dt = shapes["text_attention"]  # a causal prompt, as Attention.attend gets it
+    tq = torch.randn(1, Lt, Ht, Dt, generator=g).transpose(1, 2)
+    tk, tv = (torch.randn(1, Hkv, Lt, Dt, generator=g) for _ in range(2))
+    out["text_attention_sdpa"] = _best(lambda: torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, is_causal=True, enable_gqa=True))
+    if k is not None and Dt % 16 == 0 and Dt <= 128:
+        out["text_attention_native"] = _best(lambda: k.attention_bf16(
+            tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), True, torch.float32, pv_f32=True))
     _, K, N = shapes["decode"]
     x = torch.randn(1, K, generator=g)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)

@@ -600,11 +600,10 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The vision tower's attention: softmax attention within segments of L consecutive rows (one image or video slice
-   each), for bf16 q, k, v read from qkv (N, 3, H, D) after the rotary, into out (N, H, D) bf16. Flash-style: per
-   (segment, head), K and V are packed once into bf16 pairs; four query rows at a time run over key blocks of 64 with
-   an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
-   does) and the float32 output is normalized once at the end. D % 32 == 0 or D % 16 == 0 with D <= 128.
+   Softmax attention in bf16 (the vision tower's, and the text model's causal prompt attention), flash-style: per
+   (batch, kv head), K and V are packed once into bf16 pairs; four query rows at a time run over key blocks of 64
+   with an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
+   does) and the float32 output is normalized once at the end. D % 16 == 0, D <= 128.
    ------------------------------------------------------------------------------------------------------------ */
 #define ATT_BK 64
 
@@ -670,53 +669,131 @@ static void attn_softmax_4x64(float sc[4][ATT_BK], int n, float scale, float m[4
 }
 #endif
 
-/* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, then o rescaled and
-   o += p v. */
-static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, int D, int n, float scale,
-                       const uint32_t *vT, float o[4][128], float m[4], float l[4]) {
-    float sc[4][ATT_BK], alpha[4];
-    uint32_t pp[4][ATT_BK / 2];
-    attn_scores_4x64(q, kT, ld, D2, sc);
-    attn_softmax_4x64(sc, n, scale, m, l, pp, alpha);
-    attn_pv_4x64(pp, vT, D, alpha, o);
+#ifndef QK_HAVE_ATTN_F32
+/* The online softmax step with float32 probabilities (the text model's P.V in float32): as attn_softmax_4x64, p
+   unrounded and masked keys (-inf scores) exactly 0. */
+static void attn_softmax_f32_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
+                                  float p[4][ATT_BK], float alpha[4]) {
+    for (int r = 0; r < 4; r++) {
+        float *x = sc[r], mx16[16], sum16v[16] = {0};
+        for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
+        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m[r];
+        for (int j = 0; j < ATT_BK; j += 16)
+            for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
+        float mx = mx16[0];
+        for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
+        for (int j = 0; j < ATT_BK; j++) p[r][j] = x[j] == -INFINITY ? 0.f : exp_c(x[j] - mx);
+        for (int j = 0; j < ATT_BK; j += 16)
+            for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += p[r][j + l16];
+        alpha[r] = exp_c(m[r] - mx);
+        l[r] = l[r] * alpha[r] + sum16(sum16v);
+        m[r] = mx;
+    }
 }
 
-void vit_attention_bf16(const uint16_t *qkv, int N, int H, int D, int L, uint16_t *out, float scale, int threads) {
-    const int S = N / L, D2 = D / 2, Lp = (L + ATT_BK - 1) / ATT_BK * ATT_BK;
-    const size_t row = (size_t)3 * H * D;  /* qkv's row stride, in bf16 values */
+/* o[r][d] = o[r][d] alpha[r] + sum over 64 keys of p[r][j] v[j][d], v float32 (64 rows of D). */
+static void attn_pv_f32_4x64(const float p[4][ATT_BK], const float *v, int D, const float alpha[4], float o[4][128]) {
+    for (int r = 0; r < 4; r++)
+        for (int d = 0; d < D; d++) o[r][d] *= alpha[r];
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < ATT_BK; j++)
+            for (int d = 0; d < D; d++) o[r][d] = MADD(p[r][j], v[(size_t)j * D + d], o[r][d]);
+}
+#endif
+
+/* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, then o rescaled and
+   o += p v. `valid` (or NULL: all n): each row's keys in this block, the rest masked (causal attention). */
+static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, int D, int n, const int *valid,
+                       float scale, const void *vT, int pv_f32, float o[4][128], float m[4], float l[4]) {
+    float sc[4][ATT_BK], alpha[4];
+    attn_scores_4x64(q, kT, ld, D2, sc);
+    if (valid)
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < ATT_BK; j++) sc[r][j] = j < valid[r] ? sc[r][j] : -INFINITY;
+    if (pv_f32) {
+        float p[4][ATT_BK];
+        attn_softmax_f32_4x64(sc, n, scale, m, l, p, alpha);
+        attn_pv_f32_4x64(p, (const float *)vT, D, alpha, o);
+    } else {
+        uint32_t pp[4][ATT_BK / 2];
+        attn_softmax_4x64(sc, n, scale, m, l, pp, alpha);
+        attn_pv_4x64(pp, (const uint32_t *)vT, D, alpha, o);
+    }
+}
+
+static inline uint16_t load_bf16(const void *p, size_t i, int bf16) {
+    return bf16 ? ((const uint16_t *)p)[i] : to_bf16(((const float *)p)[i]);
+}
+
+#define ATT_QB 64  /* query rows per work item */
+
+/* out = softmax(q k^T scale) v over strided views, st[12] in elements: q's (batch, row, head) strides, then k's, v's
+   (batch, key, kv head) and out's (batch, row, head); each head's D values contiguous. B batches of Lq query rows and
+   S keys; query head h reads kv head h / (H / Hkv). With `causal`, query row i sees keys 0 .. S - Lq + i. q, k, v are
+   float32 or bf16 (in_bf16; float32 is rounded to bf16), out float32 or bf16 (out_bf16). With pv_f32, the
+   probabilities stay float32 and V is not rounded: P.V in float32 (q.k still in bf16). */
+void attention_bf16(const void *q, const void *k, const void *v, void *out, const int64_t *st, int B, int Lq, int S,
+                    int H, int Hkv, int D, int causal, int in_bf16, int out_bf16, int pv_f32, float scale,
+                    int threads) {
+    const int D2 = D / 2, Sp = (S + ATT_BK - 1) / ATT_BK * ATT_BK, G = H / Hkv, nq = (Lq + ATT_QB - 1) / ATT_QB;
+    /* per kv head: [D/2][Sp] key pairs, then [Sp/2][D] value pairs or [Sp][D] float32 values (one word each) */
+    const size_t kn = (size_t)D2 * Sp, per = kn + (size_t)(pv_f32 ? Sp : Sp / 2) * D;
+    uint32_t *packs = aligned_alloc(64, (sizeof(uint32_t) * per * B * Hkv + 63) / 64 * 64);
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *kT = aligned_alloc(64, sizeof(uint32_t) * (size_t)D2 * Lp);  /* [D/2][Lp] key pairs along d */
-        uint32_t *vT = aligned_alloc(64, sizeof(uint32_t) * (size_t)(Lp / 2) * D);  /* [Lp/2][D] pairs along keys */
-        #pragma omp for schedule(dynamic, 1)
-        for (int sh = 0; sh < S * H; sh++) {
-            const int s = sh / H, h = sh % H;
-            const uint16_t *base = qkv + (size_t)s * L * row;
-            for (int j = 0; j < Lp; j++) {  /* pack K and V of this head; keys past L are zero */
-                const uint16_t *k = base + (size_t)j * row + (size_t)(H + h) * D, *v = k + (size_t)H * D;
+        #pragma omp for schedule(static)
+        for (int bg = 0; bg < B * Hkv; bg++) {  /* pack K and V of this kv head; keys past S are zero */
+            const int b = bg / Hkv, g = bg % Hkv;
+            uint32_t *kT = packs + (size_t)bg * per, *vT = kT + kn;
+            for (int j = 0; j < Sp; j++) {
+                const size_t ko = b * st[3] + (size_t)j * st[4] + g * st[5], vo = b * st[6] + (size_t)j * st[7] + g * st[8];
                 for (int d2 = 0; d2 < D2; d2++)
-                    kT[(size_t)d2 * Lp + j] = j < L ? bf16_pair(k[2 * d2], k[2 * d2 + 1]) : 0;
-                for (int d = 0; d < D; d++) {
-                    uint16_t *pair = (uint16_t *)&vT[(size_t)(j / 2) * D + d] + (j & 1);
-                    *pair = j < L ? v[d] : 0;
-                }
+                    kT[(size_t)d2 * Sp + j] = j < S ? bf16_pair(load_bf16(k, ko + 2 * d2, in_bf16),
+                                                                load_bf16(k, ko + 2 * d2 + 1, in_bf16)) : 0;
+                for (int d = 0; d < D; d++)
+                    if (pv_f32)
+                        ((float *)vT)[(size_t)j * D + d] = j >= S ? 0.f : in_bf16 ?
+                            bf16_to_float(((const uint16_t *)v)[vo + d]) : ((const float *)v)[vo + d];
+                    else
+                        ((uint16_t *)&vT[(size_t)(j / 2) * D + d])[j & 1] = j < S ? load_bf16(v, vo + d, in_bf16) : 0;
             }
-            for (int i0 = 0; i0 < L; i0 += 4) {
-                const int R = L - i0 < 4 ? L - i0 : 4;
-                const uint32_t *q[4];
-                for (int r = 0; r < 4; r++)
-                    q[r] = (const uint32_t *)(base + (size_t)(i0 + (r < R ? r : 0)) * row + (size_t)h * D);
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < B * H * nq; w++) {
+            const int b = w / (H * nq), h = w / nq % H, i1 = (w % nq + 1) * ATT_QB < Lq ? (w % nq + 1) * ATT_QB : Lq;
+            const uint32_t *kT = packs + (size_t)(b * Hkv + h / G) * per, *vT = kT + kn;
+            for (int i0 = w % nq * ATT_QB; i0 < i1; i0 += 4) {
+                const int R = i1 - i0 < 4 ? i1 - i0 : 4;
+                uint32_t qb[4][64];
+                const uint32_t *qr[4];
+                for (int r = 0; r < 4; r++) {
+                    const size_t qo = b * st[0] + (size_t)(i0 + (r < R ? r : 0)) * st[1] + h * st[2];
+                    for (int d2 = 0; d2 < D2; d2++)
+                        qb[r][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16), load_bf16(q, qo + 2 * d2 + 1, in_bf16));
+                    qr[r] = qb[r];
+                }
                 float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};
-                for (int j0 = 0; j0 < L; j0 += ATT_BK)
-                    attn_block(q, kT + j0, Lp, D2, D, L - j0 < ATT_BK ? L - j0 : ATT_BK, scale,
-                               vT + (size_t)(j0 / 2) * D, o, m, l);
+                const int end = causal ? S - Lq + i0 + R : S;  /* keys the last of these rows sees */
+                for (int j0 = 0; j0 < end; j0 += ATT_BK) {
+                    const int n = end - j0 < ATT_BK ? end - j0 : ATT_BK;
+                    int valid[4];
+                    for (int r = 0; r < 4; r++) {
+                        const int see = S - Lq + i0 + (r < R ? r : 0) + 1 - j0;
+                        valid[r] = see < n ? see : n;
+                    }
+                    attn_block(qr, kT + j0, Sp, D2, D, n, causal && j0 + ATT_BK > S - Lq + i0 ? valid : NULL, scale,
+                               vT + (size_t)(pv_f32 ? j0 : j0 / 2) * D, pv_f32, o, m, l);
+                }
                 for (int r = 0; r < R; r++) {
-                    uint16_t *dst = out + ((size_t)(s * L + i0 + r) * H + h) * D;
-                    for (int d = 0; d < D; d++) dst[d] = to_bf16(o[r][d] / l[r]);
+                    const size_t oo = b * st[9] + (size_t)(i0 + r) * st[10] + h * st[11];
+                    for (int d = 0; d < D; d++) {
+                        const float y = o[r][d] / l[r];
+                        if (out_bf16) ((uint16_t *)out)[oo + d] = to_bf16(y);
+                        else ((float *)out)[oo + d] = y;
+                    }
                 }
             }
         }
-        free(kT);
-        free(vT);
     }
+    free(packs);
 }

@@ -305,6 +305,66 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, co
 }
 #endif
 
+#ifdef __AVX512BF16__
+/* kernels.c's attn_softmax_f32_4x64 and attn_pv_f32_4x64 in vectors (P.V in float32, the text model's). */
+#define QK_HAVE_ATTN_F32 1
+static void attn_softmax_f32_4x64(float sc[4][64], int n, float scale, float m[4], float l[4], float p[4][64],
+                                  float alpha[4]) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
+    for (int r = 0; r < 4; r++) {
+        __m512 x[4], mv = _mm512_set1_ps(m[r]), sum = _mm512_setzero_ps();
+        for (int c = 0; c < 4; c++) {
+            const int left = n - 16 * c;
+            const __mmask16 valid = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            x[c] = _mm512_mask_mul_ps(ninf, valid, _mm512_loadu_ps(sc[r] + 16 * c), sv);
+            mv = _mm512_max_ps(mv, x[c]);
+        }
+        const float mx = _mm512_reduce_max_ps(mv);
+        for (int c = 0; c < 4; c++) {
+            const __mmask16 live = _mm512_cmp_ps_mask(x[c], ninf, _CMP_NEQ_OQ);
+            const __m512 e = _mm512_maskz_mov_ps(live, exp_v(_mm512_sub_ps(x[c], _mm512_set1_ps(mx))));
+            _mm512_storeu_ps(p[r] + 16 * c, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        alpha[r] = exp_c(m[r] - mx);
+        l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+        m[r] = mx;
+    }
+}
+
+/* C (= D / 16, at most 4: a half of D = 128 per pass, so that the 16 accumulators stay in registers) vectors of o
+   from column vector c0. */
+static inline __attribute__((always_inline)) void attn_pv_f32_c(const float p[4][64], const float *v, int D,
+                                                                float o[4][128], int c0, const int C) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_loadu_ps(o[r] + 16 * (c0 + c));
+    for (int j = 0; j < 64; j++) {
+        __m512 vj[4];
+        for (int c = 0; c < C; c++) vj[c] = _mm512_loadu_ps(v + (size_t)j * D + 16 * (c0 + c));
+        for (int r = 0; r < 4; r++) {
+            const __m512 b = _mm512_set1_ps(p[r][j]);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(b, vj[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(o[r] + 16 * (c0 + c), acc[r][c]);
+}
+
+static void attn_pv_f32_4x64(const float p[4][64], const float *v, int D, const float alpha[4], float o[4][128]) {
+    for (int r = 0; r < 4; r++)
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(o[r] + d, _mm512_mul_ps(_mm512_loadu_ps(o[r] + d), _mm512_set1_ps(alpha[r])));
+    for (int c0 = 0; c0 < D / 16; c0 += 4)
+        switch (D / 16 - c0 < 4 ? D / 16 - c0 : 4) {
+            case 4: attn_pv_f32_c(p, v, D, o, c0, 4); break;
+            case 3: attn_pv_f32_c(p, v, D, o, c0, 3); break;
+            case 2: attn_pv_f32_c(p, v, D, o, c0, 2); break;
+            default: attn_pv_f32_c(p, v, D, o, c0, 1); break;
+        }
+}
+#endif
+
 #define QK_HAVE_Q4I8_TILE 1
 #define GEMM_MT 8
 
