@@ -107,7 +107,7 @@ int main(void) {
     for (int i = 0; i < 2 * AL * 3 * AH * AD; i++) aqkv[i] = to_bf16(2 * rnd());
     const int64_t row = 3 * AH * AD, vst[12] = {AL * row, row, AD, AL * row, row, AD, AL * row, row, AD,
                                                 AL * AH * AD, AH * AD, AD};
-    attention_bf16(aqkv, aqkv + AH * AD, aqkv + 2 * AH * AD, aout, vst, 2, AL, AL, AH, AH, AD, 0, 1, 1, 0, 0.17677669f,
+    attention(aqkv, aqkv + AH * AD, aqkv + 2 * AH * AD, aout, vst, 2, AL, AL, AH, AH, AD, 0, 1, 1, 0, 0.17677669f,
                    2);
     for (int i = 0; i < 2 * AL * AH * AD; i++) af[i] = bf16_to_float(aout[i]);
     show("vit_attention_bf16", af, 2 * AL * AH * AD);
@@ -118,7 +118,7 @@ int main(void) {
     for (int i = 0; i < TL * TH * AD; i++) tq[i] = 2 * rnd();
     for (int i = 0; i < TG * TS * AD; i++) { tk[i] = 2 * rnd(); tv[i] = rnd(); }
     const int64_t tst[12] = {0, TH * AD, AD, 0, AD, TS * AD, 0, AD, TS * AD, 0, TH * AD, AD};
-    attention_bf16(tq, tk, tv, to, tst, 1, TL, TS, TH, TG, AD, 1, 0, 0, 1, 0.17677669f, 2);
+    attention(tq, tk, tv, to, tst, 1, TL, TS, TH, TG, AD, 1, 0, 0, 1, 0.17677669f, 2);
     show("attention_causal", to, TL * TH * AD);
     printf("isa %s\n", kernels_isa());
     return 0;

@@ -39,7 +39,7 @@ class Plan:
     decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
     text_kernels: bool  # native RMSNorm (sums in another order than torch's) and rotary in the text decoder
-    text_attention: str  # a prompt's causal attention: "native" (kernels.c, bf16) | "torch" (SDPA)
+    text_attention: str  # a prompt's causal attention: "native" (kernels.c, float32) | "torch" (SDPA)
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -91,7 +91,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
         f" vs native ({isa}) {t['attention_native'] * 1e3:.1f} ms" if "attention_native" in t else "")
     text_attention = "native" if t.get("text_attention_native", float("inf")) < t["text_attention_sdpa"] else "torch"
     reasons["text attention"] = f"SDPA float32 {t['text_attention_sdpa'] * 1e3:.1f} ms" + (
-        f" vs native bf16 ({isa}) {t['text_attention_native'] * 1e3:.1f} ms" if "text_attention_native" in t else "")
+        f" vs native ({isa}) {t['text_attention_native'] * 1e3:.1f} ms" if "text_attention_native" in t else "")
     if k is not None:
         decode = "native-layer" if t["decode_q4x16"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
         reasons["decode"] = f"q4x16 ({isa}) {t['decode_q4x16'] * 1e3:.2f} ms" + (
@@ -206,8 +206,8 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     out["text_attention_sdpa"] = _best(lambda: torch.nn.functional.scaled_dot_product_attention(
         tq, tk, tv, is_causal=True, enable_gqa=True))
     if k is not None and Dt % 16 == 0 and Dt <= 128:
-        out["text_attention_native"] = _best(lambda: k.attention_bf16(
-            tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), True, torch.float32, pv_f32=True))
+        out["text_attention_native"] = _best(lambda: k.attention(
+            tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), True, torch.float32, f32=True))
     _, K, N = shapes["decode"]
     x = torch.randn(1, K, generator=g)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)

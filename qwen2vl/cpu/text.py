@@ -1,7 +1,7 @@
 """The text decoder's CPU layers, swapped in by the plan: RMSNorm in one native pass over float32 rows (0.45 against
 torch's 0.7 ms for 1024 rows of the 2B model), the rotary of q and k in place on the fused q/k/v projection's output
-(the same numbers as torch's ops), and, where the plan measured it faster, a prompt's causal attention in bf16
-(kernels.c attention_bf16)."""
+(the same numbers as torch's ops), and, where the plan measured it faster than SDPA, a prompt's causal attention in
+float32 (kernels.c attention)."""
 
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ def native_rotate(kernels):
 
 def native_attend(kernels):
     """An Attention.attend that runs a causal prompt's attention (float32, no mask, as many queries as keys) with
-    the native bf16 kernel, anything else with the model's own."""
+    the native float32 flash attention, anything else with the model's own."""
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, H, L, D = q.shape
         if mask is None and 1 < L == k.shape[2] and q.dtype == k.dtype == v.dtype == torch.float32 and \
                 D % 16 == 0 and D <= 128 and q.stride(3) == k.stride(3) == v.stride(3) == 1:
-            out = kernels.attention_bf16(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True,
-                                         torch.float32, pv_f32=True)
+            out = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True,
+                                         torch.float32, f32=True)
             return out.view(B, L, H * D)
         return Attention.attend(q, k, v, mask)
 

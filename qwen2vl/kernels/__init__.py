@@ -166,7 +166,7 @@ class Kernels:
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
             "decode_layer": [_P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _I],
             "awq_unpack_t": [_P, _I, _I, _P, _P, _I],
-            "attention_bf16": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I],
+            "attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
@@ -284,12 +284,12 @@ class Kernels:
         self.lib.silu_mul_bf16(h.data_ptr(), M, I2 // 2, out.data_ptr(), torch.get_num_threads())
         return out
 
-    def attention_bf16(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                       out_dtype: torch.dtype, pv_f32: bool = False) -> torch.Tensor:
-        """Softmax attention of q (B, L, H, D) over k, v (B, S, Hkv, D) -> (B, L, H, D) in out_dtype: q.k in bf16,
-        a float32 softmax, and P.V in bf16 (probabilities and V rounded to bf16), or in float32 with `pv_f32` (see
-        kernels.c). Any strides with each head's D values contiguous; float32 or bfloat16 inputs. Query head h reads
-        kv head h // (H // Hkv); with `causal`, query row i sees keys 0 .. S - L + i. D % 16 == 0, D <= 128."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, out_dtype: torch.dtype,
+                  f32: bool = False) -> torch.Tensor:
+        """Softmax attention of q (B, L, H, D) over k, v (B, S, Hkv, D) -> (B, L, H, D) in out_dtype: products in
+        bf16 (q, k, v and the probabilities rounded to bf16; float32 softmax and sums), or in float32 throughout with
+        `f32` (see kernels.c). Any strides with each head's D values contiguous; float32 or bfloat16 inputs. Query head
+        h reads kv head h // (H // Hkv); with `causal`, query row i sees keys 0 .. S - L + i. D % 16 == 0, D <= 128."""
         B, L, H, D = q.shape
         S, Hkv = k.shape[1], k.shape[2]
         assert k.shape == v.shape == (B, S, Hkv, D) and H % Hkv == 0 and D % 16 == 0 and D <= 128 and S >= L
@@ -297,9 +297,9 @@ class Kernels:
         assert all(t.stride(3) == 1 for t in (q, k, v)) and out_dtype in (torch.float32, torch.bfloat16)
         out = torch.empty(B, L, H, D, dtype=out_dtype)
         strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
-        self.lib.attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides.data_ptr(), B, L,
-                                S, H, Hkv, D, int(causal), int(q.dtype == torch.bfloat16),
-                                int(out_dtype == torch.bfloat16), int(pv_f32), D ** -0.5, torch.get_num_threads())
+        self.lib.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides.data_ptr(), B, L, S, H,
+                           Hkv, D, int(causal), int(q.dtype == torch.bfloat16), int(out_dtype == torch.bfloat16),
+                           int(f32), D ** -0.5, torch.get_num_threads())
         return out
 
     def vit_attention_bf16(self, qkv: torch.Tensor, segment: int) -> torch.Tensor:
@@ -308,7 +308,7 @@ class Kernels:
         N, three, H, D = qkv.shape
         assert three == 3 and N % segment == 0
         x = qkv.view(N // segment, segment, 3, H, D)
-        return self.attention_bf16(x[:, :, 0], x[:, :, 1], x[:, :, 2], False, torch.bfloat16).view(N, H, D)
+        return self.attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], False, torch.bfloat16).view(N, H, D)
 
     def read_rows(self, fd: int, offset: int, row_bytes: int, rows: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, row_bytes) uint8 = rows `rows` (n,) of a table of row_bytes-byte rows at `offset` of the open file

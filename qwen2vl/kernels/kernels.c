@@ -600,10 +600,10 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   Softmax attention in bf16 (the vision tower's, and the text model's causal prompt attention), flash-style: per
-   (batch, kv head), K and V are packed once into bf16 pairs; four query rows at a time run over key blocks of 64
-   with an online softmax in float32; probabilities are rounded to bf16 for the P.V products (as bf16 flash attention
-   does) and the float32 output is normalized once at the end. D % 16 == 0, D <= 128.
+   Softmax attention, flash-style (the vision tower's in bf16, and the text model's causal prompt attention in
+   float32): per (batch, kv head), K and V are packed once (into bf16 pairs, or float32); four query rows at a time
+   run over key blocks of 64 with an online softmax in float32; in bf16, probabilities are rounded to bf16 for the P.V
+   products (as bf16 flash attention does); the float32 output is normalized once at the end. D % 16 == 0, D <= 128.
    ------------------------------------------------------------------------------------------------------------ */
 #define ATT_BK 64
 
@@ -670,8 +670,17 @@ static void attn_softmax_4x64(float sc[4][ATT_BK], int n, float scale, float m[4
 #endif
 
 #ifndef QK_HAVE_ATTN_F32
-/* The online softmax step with float32 probabilities (the text model's P.V in float32): as attn_softmax_4x64, p
-   unrounded and masked keys (-inf scores) exactly 0. */
+/* sc[r][j] = q_r . k_{j0 + j} in float32 for 4 query rows of D and 64 keys of kT ([D][ld] floats, at key j0). */
+static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int D, float sc[4][ATT_BK]) {
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < ATT_BK; j++) sc[r][j] = 0.f;
+    for (int d = 0; d < D; d++)
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < ATT_BK; j++) sc[r][j] = MADD(q[r][d], kT[(size_t)d * ld + j], sc[r][j]);
+}
+
+/* The online softmax step in float32 (the text model's attention): as attn_softmax_4x64, p unrounded and masked
+   keys (-inf scores) exactly 0. */
 static void attn_softmax_f32_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
                                   float p[4][ATT_BK], float alpha[4]) {
     for (int r = 0; r < 4; r++) {
@@ -703,14 +712,15 @@ static void attn_pv_f32_4x64(const float p[4][ATT_BK], const float *v, int D, co
 
 /* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, then o rescaled and
    o += p v. `valid` (or NULL: all n): each row's keys in this block, the rest masked (causal attention). */
-static void attn_block(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, int D, int n, const int *valid,
-                       float scale, const void *vT, int pv_f32, float o[4][128], float m[4], float l[4]) {
+static void attn_block(const void *q[4], const void *kT, int ld, int D, int n, const int *valid, float scale,
+                       const void *vT, int f32, float o[4][128], float m[4], float l[4]) {
     float sc[4][ATT_BK], alpha[4];
-    attn_scores_4x64(q, kT, ld, D2, sc);
+    if (f32) attn_scores_f32_4x64((const float **)q, (const float *)kT, ld, D, sc);
+    else attn_scores_4x64((const uint32_t **)q, (const uint32_t *)kT, ld, D / 2, sc);
     if (valid)
         for (int r = 0; r < 4; r++)
             for (int j = 0; j < ATT_BK; j++) sc[r][j] = j < valid[r] ? sc[r][j] : -INFINITY;
-    if (pv_f32) {
+    if (f32) {
         float p[4][ATT_BK];
         attn_softmax_f32_4x64(sc, n, scale, m, l, p, alpha);
         attn_pv_f32_4x64(p, (const float *)vT, D, alpha, o);
@@ -727,17 +737,21 @@ static inline uint16_t load_bf16(const void *p, size_t i, int bf16) {
 
 #define ATT_QB 64  /* query rows per work item */
 
+static inline float load_f32(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* out = softmax(q k^T scale) v over strided views, st[12] in elements: q's (batch, row, head) strides, then k's, v's
    (batch, key, kv head) and out's (batch, row, head); each head's D values contiguous. B batches of Lq query rows and
    S keys; query head h reads kv head h / (H / Hkv). With `causal`, query row i sees keys 0 .. S - Lq + i. q, k, v are
-   float32 or bf16 (in_bf16; float32 is rounded to bf16), out float32 or bf16 (out_bf16). With pv_f32, the
-   probabilities stay float32 and V is not rounded: P.V in float32 (q.k still in bf16). */
-void attention_bf16(const void *q, const void *k, const void *v, void *out, const int64_t *st, int B, int Lq, int S,
-                    int H, int Hkv, int D, int causal, int in_bf16, int out_bf16, int pv_f32, float scale,
-                    int threads) {
+   float32 or bf16 (in_bf16), out float32 or bf16 (out_bf16). The products in bf16 (q, k, v and the probabilities
+   rounded to bf16, float32 sums: the vision tower's), or with f32 in float32 throughout (the text model's). */
+void attention(const void *q, const void *k, const void *v, void *out, const int64_t *st, int B, int Lq, int S,
+               int H, int Hkv, int D, int causal, int in_bf16, int out_bf16, int f32, float scale, int threads) {
     const int D2 = D / 2, Sp = (S + ATT_BK - 1) / ATT_BK * ATT_BK, G = H / Hkv, nq = (Lq + ATT_QB - 1) / ATT_QB;
-    /* per kv head: [D/2][Sp] key pairs, then [Sp/2][D] value pairs or [Sp][D] float32 values (one word each) */
-    const size_t kn = (size_t)D2 * Sp, per = kn + (size_t)(pv_f32 ? Sp : Sp / 2) * D;
+    /* per kv head, in 32-bit words: K^T ([D/2][Sp] bf16 pairs or [D][Sp] floats), then V ([Sp/2][D] pairs of keys
+       or [Sp][D] floats) */
+    const size_t kn = (size_t)(f32 ? D : D2) * Sp, per = kn + (size_t)(f32 ? Sp : Sp / 2) * D;
     uint32_t *packs = aligned_alloc(64, (sizeof(uint32_t) * per * B * Hkv + 63) / 64 * 64);
     #pragma omp parallel num_threads(threads)
     {
@@ -747,15 +761,18 @@ void attention_bf16(const void *q, const void *k, const void *v, void *out, cons
             uint32_t *kT = packs + (size_t)bg * per, *vT = kT + kn;
             for (int j = 0; j < Sp; j++) {
                 const size_t ko = b * st[3] + (size_t)j * st[4] + g * st[5], vo = b * st[6] + (size_t)j * st[7] + g * st[8];
+                if (f32) {
+                    for (int d = 0; d < D; d++) {
+                        ((float *)kT)[(size_t)d * Sp + j] = j < S ? load_f32(k, ko + d, in_bf16) : 0.f;
+                        ((float *)vT)[(size_t)j * D + d] = j < S ? load_f32(v, vo + d, in_bf16) : 0.f;
+                    }
+                    continue;
+                }
                 for (int d2 = 0; d2 < D2; d2++)
                     kT[(size_t)d2 * Sp + j] = j < S ? bf16_pair(load_bf16(k, ko + 2 * d2, in_bf16),
                                                                 load_bf16(k, ko + 2 * d2 + 1, in_bf16)) : 0;
                 for (int d = 0; d < D; d++)
-                    if (pv_f32)
-                        ((float *)vT)[(size_t)j * D + d] = j >= S ? 0.f : in_bf16 ?
-                            bf16_to_float(((const uint16_t *)v)[vo + d]) : ((const float *)v)[vo + d];
-                    else
-                        ((uint16_t *)&vT[(size_t)(j / 2) * D + d])[j & 1] = j < S ? load_bf16(v, vo + d, in_bf16) : 0;
+                    ((uint16_t *)&vT[(size_t)(j / 2) * D + d])[j & 1] = j < S ? load_bf16(v, vo + d, in_bf16) : 0;
             }
         }
         #pragma omp for schedule(dynamic, 1)
@@ -764,12 +781,15 @@ void attention_bf16(const void *q, const void *k, const void *v, void *out, cons
             const uint32_t *kT = packs + (size_t)(b * Hkv + h / G) * per, *vT = kT + kn;
             for (int i0 = w % nq * ATT_QB; i0 < i1; i0 += 4) {
                 const int R = i1 - i0 < 4 ? i1 - i0 : 4;
-                uint32_t qb[4][64];
-                const uint32_t *qr[4];
+                uint32_t qb[4][128];  /* 4 query rows: D floats or D/2 bf16 pairs each */
+                const void *qr[4];
                 for (int r = 0; r < 4; r++) {
                     const size_t qo = b * st[0] + (size_t)(i0 + (r < R ? r : 0)) * st[1] + h * st[2];
-                    for (int d2 = 0; d2 < D2; d2++)
-                        qb[r][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16), load_bf16(q, qo + 2 * d2 + 1, in_bf16));
+                    if (f32)
+                        for (int d = 0; d < D; d++) ((float *)qb[r])[d] = load_f32(q, qo + d, in_bf16);
+                    else
+                        for (int d2 = 0; d2 < D2; d2++)
+                            qb[r][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16), load_bf16(q, qo + 2 * d2 + 1, in_bf16));
                     qr[r] = qb[r];
                 }
                 float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};
@@ -781,8 +801,8 @@ void attention_bf16(const void *q, const void *k, const void *v, void *out, cons
                         const int see = S - Lq + i0 + (r < R ? r : 0) + 1 - j0;
                         valid[r] = see < n ? see : n;
                     }
-                    attn_block(qr, kT + j0, Sp, D2, D, n, causal && j0 + ATT_BK > S - Lq + i0 ? valid : NULL, scale,
-                               vT + (size_t)(pv_f32 ? j0 : j0 / 2) * D, pv_f32, o, m, l);
+                    attn_block(qr, kT + j0, Sp, D, n, causal && j0 + ATT_BK > S - Lq + i0 ? valid : NULL, scale,
+                               vT + (size_t)(f32 ? j0 : j0 / 2) * D, f32, o, m, l);
                 }
                 for (int r = 0; r < R; r++) {
                     const size_t oo = b * st[9] + (size_t)(i0 + r) * st[10] + h * st[11];

@@ -306,8 +306,28 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, co
 #endif
 
 #ifdef __AVX512BF16__
-/* kernels.c's attn_softmax_f32_4x64 and attn_pv_f32_4x64 in vectors (P.V in float32, the text model's). */
+/* kernels.c's float32 attention steps in vectors (the text model's attention). */
 #define QK_HAVE_ATTN_F32 1
+static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int D, float sc[4][64]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const float *k = kT + (size_t)d * ld;
+        const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
+                     k3 = _mm512_loadu_ps(k + 48);
+        for (int r = 0; r < 4; r++) {
+            const __m512 b = _mm512_set1_ps(q[r][d]);
+            acc[r][0] = _mm512_fmadd_ps(b, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(b, k1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(b, k2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(b, k3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(sc[r] + 16 * c, acc[r][c]);
+}
+
 static void attn_softmax_f32_4x64(float sc[4][64], int n, float scale, float m[4], float l[4], float p[4][64],
                                   float alpha[4]) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
