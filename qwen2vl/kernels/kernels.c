@@ -637,6 +637,21 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, co
 }
 #endif
 
+#if !defined(QK_HAVE_ATTN_SOFTMAX) || !defined(QK_HAVE_ATTN_F32)
+/* x[j] *= scale for the block's n valid keys, -inf past them; the running max m updated over them (16 lanes). */
+static inline float scaled_max(float x[ATT_BK], int n, float scale, float m) {
+    float mx16[16];
+    for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
+    for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m;
+    for (int j = 0; j < ATT_BK; j += 16)
+        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
+    float mx = mx16[0];
+    for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
+    return mx;
+}
+
+#endif
+
 #ifndef QK_HAVE_ATTN_SOFTMAX
 /* The online softmax step of 4 query rows over one key block: sc (scores, n <= 64 valid) -> p = exp(sc * scale - mx)
    rounded to bf16 (zero past n), packed in pairs into pp; m (running max) and l (running sum) updated, and alpha
@@ -645,13 +660,8 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, co
 static void attn_softmax_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
                               uint32_t pp[4][ATT_BK / 2], float alpha[4]) {
     for (int r = 0; r < 4; r++) {
-        float *x = sc[r], mx16[16], e[ATT_BK], sum16v[16] = {0};
-        for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
-        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m[r];
-        for (int j = 0; j < ATT_BK; j += 16)
-            for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
-        float mx = mx16[0];
-        for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
+        float *x = sc[r], e[ATT_BK], sum16v[16] = {0};
+        const float mx = scaled_max(x, n, scale, m[r]);
         for (int j = 0; j < ATT_BK; j++) e[j] = round_bf16(exp_c(x[j] - mx));
         for (int j = n; j < ATT_BK; j++) e[j] = 0.f;  /* exp_c saturates at 2^-150, not 0 */
         for (int j = 0; j < ATT_BK; j += 16)
@@ -684,13 +694,8 @@ static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int
 static void attn_softmax_f32_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
                                   float p[4][ATT_BK], float alpha[4]) {
     for (int r = 0; r < 4; r++) {
-        float *x = sc[r], mx16[16], sum16v[16] = {0};
-        for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
-        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m[r];
-        for (int j = 0; j < ATT_BK; j += 16)
-            for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
-        float mx = mx16[0];
-        for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
+        float *x = sc[r], sum16v[16] = {0};
+        const float mx = scaled_max(x, n, scale, m[r]);
         for (int j = 0; j < ATT_BK; j++) p[r][j] = x[j] == -INFINITY ? 0.f : exp_c(x[j] - mx);
         for (int j = 0; j < ATT_BK; j += 16)
             for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += p[r][j + l16];
@@ -760,7 +765,8 @@ void attention(const void *q, const void *k, const void *v, void *out, const int
             const int b = bg / Hkv, g = bg % Hkv;
             uint32_t *kT = packs + (size_t)bg * per, *vT = kT + kn;
             for (int j = 0; j < Sp; j++) {
-                const size_t ko = b * st[3] + (size_t)j * st[4] + g * st[5], vo = b * st[6] + (size_t)j * st[7] + g * st[8];
+                const size_t ko = b * st[3] + (size_t)j * st[4] + g * st[5],
+                             vo = b * st[6] + (size_t)j * st[7] + g * st[8];
                 if (f32) {
                     for (int d = 0; d < D; d++) {
                         ((float *)kT)[(size_t)d * Sp + j] = j < S ? load_f32(k, ko + d, in_bf16) : 0.f;
@@ -789,7 +795,8 @@ void attention(const void *q, const void *k, const void *v, void *out, const int
                         for (int d = 0; d < D; d++) ((float *)qb[r])[d] = load_f32(q, qo + d, in_bf16);
                     else
                         for (int d2 = 0; d2 < D2; d2++)
-                            qb[r][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16), load_bf16(q, qo + 2 * d2 + 1, in_bf16));
+                            qb[r][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16),
+                                                  load_bf16(q, qo + 2 * d2 + 1, in_bf16));
                     qr[r] = qb[r];
                 }
                 float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};

@@ -236,22 +236,27 @@ static inline __m512 exp_v(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
 }
 
+/* One row's 64 scores times scale into x (-inf past the n valid keys); returns the running max m updated. */
+static inline float scaled_max_v(const float *sc, int n, float scale, float m, __m512 x[4]) {
+    __m512 mv = _mm512_set1_ps(m);
+    for (int c = 0; c < 4; c++) {
+        const int left = n - 16 * c;
+        const __mmask16 valid = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        x[c] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(sc + 16 * c),
+                                  _mm512_set1_ps(scale));
+        mv = _mm512_max_ps(mv, x[c]);
+    }
+    return _mm512_reduce_max_ps(mv);
+}
+
 /* kernels.c's attn_softmax_4x64 in vectors: the bf16 rounding and pair packing in one vcvtne2ps2bf16 per 32 values
    (round to nearest even, as round_bf16). */
 #define QK_HAVE_ATTN_SOFTMAX 1
 static void attn_softmax_4x64(float sc[4][64], int n, float scale, float m[4], float l[4], uint32_t pp[4][32],
                               float alpha[4]) {
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
     for (int r = 0; r < 4; r++) {
         __m512 x[4];
-        __m512 mv = _mm512_set1_ps(m[r]);
-        for (int c = 0; c < 4; c++) {
-            const int left = n - 16 * c;
-            const __mmask16 valid = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            x[c] = _mm512_mask_mul_ps(ninf, valid, _mm512_loadu_ps(sc[r] + 16 * c), sv);
-            mv = _mm512_max_ps(mv, x[c]);
-        }
-        const float mx = _mm512_reduce_max_ps(mv);
+        const float mx = scaled_max_v(sc[r], n, scale, m[r], x);
         __m512 sum = _mm512_setzero_ps(), e[4];
         for (int c = 0; c < 4; c++) {
             const int left = n - 16 * c;
@@ -330,16 +335,10 @@ static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int
 
 static void attn_softmax_f32_4x64(float sc[4][64], int n, float scale, float m[4], float l[4], float p[4][64],
                                   float alpha[4]) {
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), sv = _mm512_set1_ps(scale);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < 4; r++) {
-        __m512 x[4], mv = _mm512_set1_ps(m[r]), sum = _mm512_setzero_ps();
-        for (int c = 0; c < 4; c++) {
-            const int left = n - 16 * c;
-            const __mmask16 valid = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            x[c] = _mm512_mask_mul_ps(ninf, valid, _mm512_loadu_ps(sc[r] + 16 * c), sv);
-            mv = _mm512_max_ps(mv, x[c]);
-        }
-        const float mx = _mm512_reduce_max_ps(mv);
+        __m512 x[4], sum = _mm512_setzero_ps();
+        const float mx = scaled_max_v(sc[r], n, scale, m[r], x);
         for (int c = 0; c < 4; c++) {
             const __mmask16 live = _mm512_cmp_ps_mask(x[c], ninf, _CMP_NEQ_OQ);
             const __m512 e = _mm512_maskz_mov_ps(live, exp_v(_mm512_sub_ps(x[c], _mm512_set1_ps(mx))));
