@@ -49,8 +49,8 @@ def native_attend(kernels):
         B, H, L, D = q.shape
         if mask is None and 1 < L == k.shape[2] and q.dtype == k.dtype == v.dtype == torch.float32 and \
                 D % 16 == 0 and D <= 128 and q.stride(3) == k.stride(3) == v.stride(3) == 1:
-            out = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True,
-                                         torch.float32, f32=True)
+            out = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True, torch.float32,
+                                    f32=True)
             return out.view(B, L, H * D)
         return Attention.attend(q, k, v, mask)
 

@@ -447,10 +447,9 @@ int read_rows(int fd, long long offset, long long row_bytes, const int64_t *rows
    Elementwise work in place on a linear's fresh output (float32 or bfloat16 rows)
    ------------------------------------------------------------------------------------------------------------ */
 
-/* Rotary on q and k of qkv (N, 3, H, D) in place, per (row, head) by rotate_row in float32, then rounded to the
-   tensor's dtype. cos, sin (N, D) float32, sin sign-folded. */
 /* The rotary in place on the first `heads` heads (of D values) of each of N rows of `row` values: a vision qkv row
-   (q's heads, then k's, then v's) or a text one (q's, k's, v's heads of a fused projection). cos, sin: (N, D). */
+   (q's heads, then k's, then v's) or a text one (q's, k's, v's heads of a fused projection). Per (row, head) by
+   rotate_row in float32, then rounded to the tensor's dtype. cos, sin (N, D) float32, sin sign-folded. */
 void rotary(void *x, int N, int row, int heads, int D, const float *cos, const float *sin, int bf16, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
@@ -736,15 +735,16 @@ static void attn_block(const void *q[4], const void *kT, int ld, int D, int n, c
     }
 }
 
+/* Element i of a float32 or bf16 (`bf16`) array, as bf16 or as float32. */
 static inline uint16_t load_bf16(const void *p, size_t i, int bf16) {
     return bf16 ? ((const uint16_t *)p)[i] : to_bf16(((const float *)p)[i]);
 }
 
-#define ATT_QB 64  /* query rows per work item */
-
 static inline float load_f32(const void *p, size_t i, int bf16) {
     return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
+
+#define ATT_QB 64  /* query rows per work item */
 
 /* out = softmax(q k^T scale) v over strided views, st[12] in elements: q's (batch, row, head) strides, then k's, v's
    (batch, key, kv head) and out's (batch, row, head); each head's D values contiguous. B batches of Lq query rows and
