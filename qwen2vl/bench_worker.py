@@ -48,7 +48,8 @@ class Qwen2VLEngine:
         self.model, self.load_s = timed(lambda: Qwen2VL.from_pretrained(ckpt, progress=False))
         self.m, self.proc = self.model.model, self.model.processor
         p = self.model.plan
-        self.plan = (f"native kernels {p.isa}, vision {str(p.vision_dtype)[6:]} ({p.vision_linear} linears), "
+        self.plan = (f"native kernels {p.isa}, vision {str(p.vision_dtype)[6:]} ({p.vision_linear} linears, "
+                     f"{p.vision_streamed} blocks streamed), "
                      f"prefill {str(p.prefill_dtype)[6:]}, decode {p.decode}, head {p.head}")
 
     def vision(self, size: int) -> float:

@@ -12,6 +12,7 @@ import torch
 from .config import Qwen2VLConfig
 from .cpu import Plan, ScanHead, decide, swap_after_load
 from .cpu.threads import release_workers
+from .cpu.vision import stream as stream_vision
 from .errors import CheckpointError
 from .memory import return_freed_memory, trim
 from .model import Qwen2VLModel
@@ -71,7 +72,8 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
                 UpcastLinear(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
     tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
     kernel, kernels = _LINEAR_KERNEL[plan.decode], plan.kernels
-    skip: tuple[str, ...] = ()
+    # The streamed vision blocks' weights stay in the file (cpu/vision.py StreamedLinear): never loaded.
+    skip = stream_vision(module.visual, ckpt, plan.vision_streamed, plan.vision_dtype) if plan.vision_streamed else ()
     if isinstance(module.lm_head, ScanHead):
         # The fast head and the embeddings read the 16-bit table's rows from the file on demand (RowReader), so the
         # table is never loaded: its pages never count in RSS. The head's int8 copy is made from it first.
@@ -84,7 +86,7 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
                                       f"{list(part.weight.shape)}")
         module.lm_head.use_rows(head_rows)
         module.model.embed_tokens.use_rows(embed_rows)
-        skip, tied = ("lm_head.weight", "model.embed_tokens.weight"), None
+        skip, tied = skip + ("lm_head.weight", "model.embed_tokens.weight"), None
     load_weights(module, ckpt, device=device, tied=tied, progress=progress, skip=skip,  # each quantized layer
                  on_module_loaded=lambda m: prepare(m, kernel, kernels))  # converts as soon as it is loaded
     fuse(module)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
+
+import torch
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _done = False
@@ -48,3 +51,15 @@ def rss_bytes() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     except (OSError, StopIteration):
         return 0
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of at least `numel` elements, reused by every layer that asks for this dtype (dequantized
+    prefill weights, streamed vision weights): no allocation per call, one buffer's worth of RSS."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    if dtype not in bufs or bufs[dtype].numel() < numel:
+        bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return bufs[dtype][:numel]

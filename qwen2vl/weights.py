@@ -107,13 +107,26 @@ class RowReader:
 
     @classmethod
     def open(cls, ckpt: Path, names: tuple[str, ...], gather=None) -> "RowReader":
-        """The first of `names` (canonical) in the checkpoint. Offsets come from the safetensors header: an 8-byte
-        little-endian length, then JSON with each tensor's dtype, shape and data_offsets from the header's end."""
+        """The first of `names` (canonical) in the checkpoint."""
         found = {name: (f, key) for name, f, key in iter_tensors(safetensors_files(ckpt))}
         name = next((n for n in names if n in found), None)
         if name is None:
             raise CheckpointError(f"none of {list(names)} is in {ckpt}")
-        f, key = found[name]
+        return cls._at(name, *found[name], gather)
+
+    @classmethod
+    def open_each(cls, ckpt: Path, names: list[str]) -> list["RowReader"]:
+        """A reader for each of `names` (canonical), the checkpoint's headers read once."""
+        found = {name: (f, key) for name, f, key in iter_tensors(safetensors_files(ckpt))}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise CheckpointError(f"{ckpt} has no {_few(missing)}")
+        return [cls._at(n, *found[n]) for n in names]
+
+    @classmethod
+    def _at(cls, name: str, f: Path, key: str, gather=None) -> "RowReader":
+        """Offsets come from the safetensors header: an 8-byte little-endian length, then JSON with each tensor's
+        dtype, shape and data_offsets from the header's end."""
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             meta = json.loads(fh.read(n))[key]
@@ -125,9 +138,7 @@ class RowReader:
         if isinstance(idx, slice):
             r0, r1, step = idx.indices(self.shape[0])
             assert step == 1
-            out = torch.empty(max(r1 - r0, 0), self.shape[1], dtype=self.dtype)
-            self._read(memoryview(out.view(torch.uint8).numpy()).cast("B"), self.offset + r0 * self.row_bytes)
-            return out
+            return self.read_into(torch.empty(max(r1 - r0, 0), self.shape[1], dtype=self.dtype), r0)
         rows = idx.reshape(-1)
         bad = (rows < 0) | (rows >= self.shape[0])
         if bad.any():
@@ -143,6 +154,13 @@ class RowReader:
         for i, r in enumerate(rows.tolist()):
             self._read(buf[i * self.row_bytes:(i + 1) * self.row_bytes], self.offset + r * self.row_bytes)
         return out.view(*idx.shape, self.shape[1])
+
+    def read_into(self, out: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """`out` (contiguous, this table's dtype, whole rows) = the rows from `first` on: no allocation."""
+        assert out.dtype == self.dtype and out.is_contiguous() and out.numel() % self.shape[1] == 0
+        assert first + out.numel() // self.shape[1] <= self.shape[0]
+        self._read(memoryview(out.view(torch.uint8).numpy()).cast("B"), self.offset + first * self.row_bytes)
+        return out
 
     def _read(self, buf: memoryview, offset: int) -> None:
         while len(buf):  # pread may return fewer bytes than asked

@@ -106,3 +106,21 @@ def test_measurements_are_cached(cfg, monkeypatch, tmp_path):
     assert first == second == fake_timings(True) and len(calls) == 1
     (cached,) = (tmp_path / "plans").glob("plan-*.json")
     assert json.loads(cached.read_text()) == first
+
+
+def test_vision_streaming_default_and_override(cfg, monkeypatch):
+    """The fast plan keeps a quarter of the vision blocks' weights in the checkpoint file (read at each encode);
+    QWEN2VL_VISION_STREAM=N sets how many, 0 none; the exact plan streams none."""
+    monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: fake_timings(True))
+    monkeypatch.delenv("QWEN2VL_VISION_STREAM", raising=False)
+    p = plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+    assert cfg.vision.depth == 32 and p.vision_streamed == 8
+    assert "8 blocks streamed from the checkpoint" in p.describe() and "8 of 32 blocks" in p.describe()
+    assert plan_module.decide(cfg, torch.device("cpu"), torch.float32, False).vision_streamed == 0
+    for want in ("0", "32"):
+        monkeypatch.setenv("QWEN2VL_VISION_STREAM", want)
+        assert plan_module.decide(cfg, torch.device("cpu"), torch.float32, None).vision_streamed == int(want)
+    for bad in ("33", "-1", "all"):
+        monkeypatch.setenv("QWEN2VL_VISION_STREAM", bad)
+        with pytest.raises(ValueError, match=f"QWEN2VL_VISION_STREAM='{bad}'"):
+            plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)

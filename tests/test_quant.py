@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from qwen2vl import CheckpointError, Qwen2VL, kernels
 from qwen2vl.cpu import NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
 from qwen2vl.cpu import plan as plan_module
+from qwen2vl.cpu.vision import StreamedLinear
 from qwen2vl.datatypes import ModelInputs
 from qwen2vl.quant import QuantLinear
 from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
@@ -343,6 +344,59 @@ def test_exact_mode_matches_dense_at_decode_sizes(awq_model):
     diff = (got - ref).abs().max().item()
     print(f"decode-sized prompt, fast=False: max |logit diff| {diff:.2e} (scale {ref.abs().max().item():.2f})")
     assert diff <= 1e-4
+
+
+def test_streamed_vision_blocks_equal_loaded_ones(awq_model, monkeypatch):
+    """QWEN2VL_VISION_STREAM=N keeps the linear weights of the first N vision blocks in the checkpoint file, read and
+    converted at every encode: the logits of an image prompt are those of the loaded tower, bit for bit (both with
+    unpacked linears, which compute alike), and none of those weights is in memory."""
+    _, _, _, config, root = awq_model
+    measured = plan_module.measure
+    monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "vision_packed": float("inf")})
+    depth = config["vision_config"]["depth"]
+    models = {}
+    for n in (0, depth):
+        monkeypatch.setenv("QWEN2VL_VISION_STREAM", str(n))
+        models[n] = Qwen2VL.from_pretrained(root / "awq", progress=False)
+    streamed = models[depth]
+    assert models[0].plan.vision_streamed == 0 and streamed.plan.vision_streamed == depth
+    linears = [m for m in streamed.model.visual.blocks.modules() if isinstance(m, (torch.nn.Linear, StreamedLinear))]
+    assert len(linears) == 4 * depth and all(isinstance(m, StreamedLinear) for m in linears)
+    assert all({n for n, _ in m.named_parameters()} <= {"bias"} for m in linears)
+    inputs = build_inputs(CASES["image"], config["vocab_size"], seed=8)
+    inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    assert torch.equal(streamed.logits(inputs), models[0].logits(inputs))
+    qkv = streamed.model.visual.blocks[0].attn
+    qkv = getattr(qkv, "attn", qkv).qkv
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a weight of shape \[\d+, \d+\]"):
+        qkv.use_rows(linears[2].rows)  # fc1's weight for the qkv linear
+
+
+@pytest.mark.parametrize("stored,dtype", [(torch.float16, torch.bfloat16), (torch.float16, torch.float32),
+                                          (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+def test_streamed_linear_equals_a_loaded_weight(tmp_path, stored, dtype, monkeypatch):
+    """A StreamedLinear reads its weight from the file on every call (in chunks when it converts): the output is
+    F.linear's with the weight converted as loading converts it, and the reused buffer does not leak between
+    layers."""
+    from safetensors.torch import save_file
+
+    from qwen2vl.weights import RowReader
+
+    monkeypatch.setattr(StreamedLinear, "CHUNK", 1000)  # several chunks of whole rows, and a short last one
+    g = torch.Generator().manual_seed(3)
+    weights = {"a": torch.randn(300, 96, generator=g).to(stored), "b": torch.randn(40, 300, generator=g).to(stored)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    layers = []
+    for name, w in weights.items():
+        dense = torch.nn.Linear(w.shape[1], w.shape[0]).to(dtype)
+        layer = StreamedLinear(dense, dtype)
+        layer.use_rows(RowReader.open(tmp_path, (name,)))
+        layers.append((layer, dense, w))
+    x = torch.randn(7, 96, generator=g).to(dtype)
+    with torch.inference_mode():  # as the model runs (its buffer may be an inference tensor from an earlier call)
+        for layer, dense, w in layers:
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, w.to(dtype), dense.bias))
+            x = layer(x)
 
 
 @pytest.mark.parametrize("prefill", ["bf16", "int8"])

@@ -40,6 +40,7 @@ class Plan:
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
     text_kernels: bool  # native RMSNorm (sums in another order than torch's) and rotary in the text decoder
     text_attention: str  # a prompt's causal attention: "native" (kernels.c, float32) | "torch" (SDPA)
+    vision_streamed: int = 0  # vision blocks whose linear weights are read from the checkpoint at every encode
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -51,7 +52,9 @@ class Plan:
                 ("native kernels", self.isa or "none (torch ops)"),
                 ("vision", f"{_DTYPE_NAMES[self.vision_dtype]}, {self.vision_linear} linears, "
                            f"{self.vision_attention} attention"
-                           + (", native rotary and quick_gelu" if self.vision_kernels else "")),
+                           + (", native rotary and quick_gelu" if self.vision_kernels else "")
+                           + (f", {self.vision_streamed} blocks streamed from the checkpoint"
+                              if self.vision_streamed else "")),
                 ("text", ("native RMSNorm and rotary" if self.text_kernels else "torch ops") +
                  f", {self.text_attention} prompt attention"),
                 ("prefill matmuls", "int8 activations per 32 inputs x int4 weights" if self.prefill_dtype == torch.int8
@@ -68,7 +71,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     where they apply (`applies`: a quantized checkpoint with 16-bit storage computed in float32 on a CPU)."""
     if device.type != "cpu":
         return Plan(str(device), False, None, compute, "torch", False, "torch", compute, "reference", "exact",
-                    False, "torch", {"device": "not a CPU: torch's own kernels"})
+                    False, "torch", reasons={"device": "not a CPU: torch's own kernels"})
     reasons = {}
     k = kernels.load()
     isa = k.isa if k is not None else None
@@ -79,7 +82,7 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
         decode = "float32" if k is not None else "reference"  # dequantized to float32 at every size
         reasons["exact"] = "fast=False" if fast is False else "a dense checkpoint computes in its own dtype"
         return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, "torch", compute,
-                    decode, "exact", False, "torch", reasons)
+                    decode, "exact", False, "torch", reasons=reasons)
     t = measure(cfg, isa)
     bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
     prefill, reasons["prefill"] = _prefill(t, isa)
@@ -98,8 +101,23 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
             f" vs torch int4 {t['decode_torch_int4'] * 1e3:.2f} ms" if "decode_torch_int4" in t else "")
     else:
         decode = "torch-int4"
+    streamed, reasons["streaming"] = _vision_streamed(cfg)
     return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
-                k is not None, attention, prefill, decode, "scan-int8", k is not None, text_attention, reasons)
+                k is not None, attention, prefill, decode, "scan-int8", k is not None, text_attention, streamed,
+                reasons)
+
+
+def _vision_streamed(cfg: Qwen2VLConfig) -> tuple[int, str]:
+    """How many vision blocks keep their weights in the checkpoint file, and why: a quarter by default, which keeps
+    ~0.3 GB of the 2B model out of RSS for ~2% of a 448x448 encode (BENCHMARKS.md); QWEN2VL_VISION_STREAM=N sets it
+    (0: every weight in memory, the fastest)."""
+    depth, want = cfg.vision.depth, os.environ.get("QWEN2VL_VISION_STREAM", "").strip()
+    if not want:
+        return depth // 4, f"{depth // 4} of {depth} blocks, a quarter of the tower kept out of RSS " \
+                           "(QWEN2VL_VISION_STREAM=N sets it)"
+    if not want.isdigit() or int(want) > depth:
+        raise ValueError(f"QWEN2VL_VISION_STREAM={want!r}: use a number of vision blocks from 0 to {depth}")
+    return int(want), f"{want} of {depth} blocks, chosen by QWEN2VL_VISION_STREAM"
 
 
 PREFILL_CHOICES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}

@@ -1,13 +1,21 @@
 """The vision tower's CPU layers, swapped in by the plan: the rotary of q and k in place on the qkv output (the same
-numbers as the torch ops), quick_gelu in one pass (within a few float32 ulps; equal in bf16), and, where the plan
-measured them faster, bf16 linears whose weights oneDNN prepacks at load and a native bf16 attention."""
+numbers as the torch ops), quick_gelu in one pass (within a few float32 ulps; equal in bf16), where the plan
+measured them faster, bf16 linears whose weights oneDNN prepacks at load and a native bf16 attention, and the
+linears of the blocks the plan streams, whose weights stay in the checkpoint file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
+from ..memory import scratch
+from ..quant import UpcastLinear
 from ..vision import quick_gelu, rotate_qk
+from ..weights import RowReader
 
 
 class PackedLinear(nn.Module):
@@ -27,6 +35,54 @@ class PackedLinear(nn.Module):
         shape = x.shape
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, "none", [None], "")
         return y.view(*shape[:-1], self.out_features)
+
+
+class StreamedLinear(nn.Module):
+    """A linear whose weight stays in the checkpoint: on every call it is read (pread, from the page cache) and
+    converted to the compute dtype into a reused buffer, so it never counts in RSS. Same numbers as a loaded weight
+    (16-bit to float32 is exact; to bf16 rounds as the load would). Costs ~10 ms per 2B vision block per encode."""
+
+    CHUNK = 1 << 20  # values converted at a time through a float32 buffer (torch's direct fp16->bf16 is ~3x slower)
+
+    def __init__(self, linear: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.dtype, self.bias, self.rows = dtype, linear.bias, None
+
+    def use_rows(self, rows: RowReader) -> None:
+        if rows.shape != (self.out_features, self.in_features):
+            raise CheckpointError(f"{rows.path.name}: a weight of shape {list(rows.shape)}, the model expects "
+                                  f"{[self.out_features, self.in_features]}")
+        self.rows = rows
+
+    def weight(self) -> torch.Tensor:
+        N, K = self.rows.shape
+        raw = self.rows.read_into(scratch(N * K, self.rows.dtype).view(N, K))
+        if raw.dtype == self.dtype:
+            return raw
+        w, rows = scratch(N * K, self.dtype).view(N, K), max(1, self.CHUNK // K)
+        if self.dtype == torch.float32:
+            return w.copy_(raw)
+        for r0 in range(0, N, rows):
+            f = scratch(min(rows, N - r0) * K, torch.float32).view(-1, K).copy_(raw[r0:r0 + rows])
+            w[r0:r0 + rows].copy_(f)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+def stream(visual: nn.Module, ckpt: Path, blocks: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """Swap the linears of the first `blocks` blocks of `visual` (built in `dtype`, not loaded) for StreamedLinears
+    reading `ckpt`; returns the weight names the loader must skip."""
+    names = [f"blocks.{i}.{name}" for i in range(blocks) for name, m in visual.blocks[i].named_modules()
+             if isinstance(m, (nn.Linear, UpcastLinear))]
+    for name, rows in zip(names, RowReader.open_each(ckpt, [f"visual.{n}.weight" for n in names])):
+        parent, _, child = name.rpartition(".")
+        layer = StreamedLinear(visual.get_submodule(name), dtype)
+        layer.use_rows(rows)
+        setattr(visual.get_submodule(parent), child, layer)
+    return tuple(f"visual.{n}.weight" for n in names)
 
 
 class NativeVisionAttention(nn.Module):

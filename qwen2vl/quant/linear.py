@@ -6,12 +6,12 @@ dequantize-then-matmul), where that kernel can take this layer's shape."""
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory import scratch
 from .formats import awq_unpack, dequantize, gptq_unpack, q4x16_pack
 
 
@@ -223,12 +223,12 @@ class QuantLinear(nn.Module):
         N, K = self.out_features, self.in_features
         dtype = self.bulk_dtype if self.bulk_dtype.is_floating_point else torch.float32  # int8: its own kernel
         if self.kernel == "q4x16":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
-            wt = self.kernels.q4x16_dequant_t(self.packed, self.scales, self.zeros, _scratch(K * N, dtype).view(K, N))
+            wt = self.kernels.q4x16_dequant_t(self.packed, self.scales, self.zeros, scratch(K * N, dtype).view(K, N))
             return torch.mm(x.to(wt.dtype), wt)
         B = int4pack_layout()[0]
         if self.kernels is not None:
             wt = self.kernels.q4pack_dequant_t(self.packed, self.scales.float(), self.zeros.float(), N, K, B,
-                                               self.group_size, _scratch(K * N, dtype).view(K, N))
+                                               self.group_size, scratch(K * N, dtype).view(K, N))
             return torch.matmul(x.to(wt.dtype), wt)
         rows = max(B, (DEQUANT_BLOCK // K) // B * B)  # output features per block, whole packing blocks
         out = []
@@ -238,17 +238,6 @@ class QuantLinear(nn.Module):
             w = dequantize_grouped(q, self.scales[:, n0:n1], self.zeros[:, n0:n1], self.group_size)
             out.append(F.linear(x, w.to(x.dtype)))
         return torch.cat(out, dim=-1)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread buffer of at least `numel` elements, reused by every layer (no allocation per call)."""
-    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
-    if dtype not in bufs or bufs[dtype].numel() < numel:
-        bufs[dtype] = torch.empty(numel, dtype=dtype)
-    return bufs[dtype][:numel]
 
 
 DECODE_ROWS = 16  # inputs with at most this many rows use the int4 kernel (cpu-notes: it wins at M=1, not M>=64)
