@@ -2,10 +2,11 @@
 tiny AWQ model written by `qwen2vl quantize` against transformers running its dequantized weights densely."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qwen2vl import CheckpointError, Qwen2VL, kernels
 from qwen2vl.cpu import NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
@@ -346,18 +347,27 @@ def test_exact_mode_matches_dense_at_decode_sizes(awq_model):
     assert diff <= 1e-4
 
 
-def test_streamed_vision_blocks_equal_loaded_ones(awq_model, monkeypatch):
+def test_streamed_vision_blocks_equal_loaded_ones(awq_model, monkeypatch, tmp_path):
     """QWEN2VL_VISION_STREAM=N keeps the linear weights of the first N vision blocks in the checkpoint file, read and
     converted at every encode: the logits of an image prompt are those of the loaded tower, bit for bit (both with
-    unpacked linears, which compute alike), and none of those weights is in memory."""
+    unpacked linears, which compute alike), and none of those weights is in memory. The streamed model reads a copy
+    of the checkpoint split into three shards, so the weights are found across them."""
     _, _, _, config, root = awq_model
     measured = plan_module.measure
     monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "vision_packed": float("inf")})
     depth = config["vision_config"]["depth"]
+    sharded = tmp_path / "sharded"
+    shutil.copytree(root / "awq", sharded)
+    state = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    weight_map = {name: f"model-{i % 3 + 1:05d}-of-00003.safetensors" for i, name in enumerate(sorted(state))}
+    for shard in set(weight_map.values()):
+        save_file({n: t for n, t in state.items() if weight_map[n] == shard}, str(sharded / shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     models = {}
-    for n in (0, depth):
+    for n, path in ((0, root / "awq"), (depth, sharded)):
         monkeypatch.setenv("QWEN2VL_VISION_STREAM", str(n))
-        models[n] = Qwen2VL.from_pretrained(root / "awq", progress=False)
+        models[n] = Qwen2VL.from_pretrained(path, progress=False)
     streamed = models[depth]
     assert models[0].plan.vision_streamed == 0 and streamed.plan.vision_streamed == depth
     linears = [m for m in streamed.model.visual.blocks.modules() if isinstance(m, (torch.nn.Linear, StreamedLinear))]
@@ -368,7 +378,7 @@ def test_streamed_vision_blocks_equal_loaded_ones(awq_model, monkeypatch):
     assert torch.equal(streamed.logits(inputs), models[0].logits(inputs))
     qkv = streamed.model.visual.blocks[0].attn
     qkv = getattr(qkv, "attn", qkv).qkv
-    with pytest.raises(CheckpointError, match=r"model.safetensors: a weight of shape \[\d+, \d+\]"):
+    with pytest.raises(CheckpointError, match=r"model-0000\d-of-00003.safetensors: a weight of shape \[\d+, \d+\]"):
         qkv.use_rows(linears[2].rows)  # fc1's weight for the qkv linear
 
 
@@ -378,8 +388,6 @@ def test_streamed_linear_equals_a_loaded_weight(tmp_path, stored, dtype, monkeyp
     """A StreamedLinear reads its weight from the file on every call (in chunks when it converts): the output is
     F.linear's with the weight converted as loading converts it, and the reused buffer does not leak between
     layers."""
-    from safetensors.torch import save_file
-
     from qwen2vl.weights import RowReader
 
     monkeypatch.setattr(StreamedLinear, "CHUNK", 1000)  # several chunks of whole rows, and a short last one
