@@ -91,6 +91,14 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, str]]:
                 yield canonical_name(key), f, key
 
 
+def _header(f: Path) -> tuple[int, dict]:
+    """A safetensors file's data start and tensor entries: an 8-byte little-endian length, then JSON with each
+    tensor's dtype, shape and data_offsets from the header's end."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
 class RowReader:
     """A 2-D tensor of a safetensors file (an embedding table) whose rows are read on demand with pread, into fresh
     memory. Not memory-mapped: a mapping's fault-around keeps ~64 KB around every row read resident, which grew the
@@ -112,27 +120,26 @@ class RowReader:
         name = next((n for n in names if n in found), None)
         if name is None:
             raise CheckpointError(f"none of {list(names)} is in {ckpt}")
-        return cls._at(name, *found[name], gather)
+        f, key = found[name]
+        return cls._at(name, f, key, _header(f), gather)
 
     @classmethod
     def open_each(cls, ckpt: Path, names: list[str]) -> list["RowReader"]:
-        """A reader for each of `names` (canonical), the checkpoint's headers read once."""
+        """A reader for each of `names` (canonical), each file's header read once."""
         found = {name: (f, key) for name, f, key in iter_tensors(safetensors_files(ckpt))}
         missing = [n for n in names if n not in found]
         if missing:
             raise CheckpointError(f"{ckpt} has no {_few(missing)}")
-        return [cls._at(n, *found[n]) for n in names]
+        headers = {f: _header(f) for f in {found[n][0] for n in names}}
+        return [cls._at(n, *found[n], headers[found[n][0]]) for n in names]
 
     @classmethod
-    def _at(cls, name: str, f: Path, key: str, gather=None) -> "RowReader":
-        """Offsets come from the safetensors header: an 8-byte little-endian length, then JSON with each tensor's
-        dtype, shape and data_offsets from the header's end."""
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            meta = json.loads(fh.read(n))[key]
+    def _at(cls, name: str, f: Path, key: str, header: tuple[int, dict], gather=None) -> "RowReader":
+        data_start, tensors = header
+        meta = tensors[key]
         if meta["dtype"] not in cls._DTYPES or len(meta["shape"]) != 2:
             raise CheckpointError(f"{name} in {f.name}: expected a 2-D float tensor, got {meta['dtype']} {meta['shape']}")
-        return cls(f, 8 + n + meta["data_offsets"][0], tuple(meta["shape"]), cls._DTYPES[meta["dtype"]], gather)
+        return cls(f, data_start + meta["data_offsets"][0], tuple(meta["shape"]), cls._DTYPES[meta["dtype"]], gather)
 
     def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
         if isinstance(idx, slice):

@@ -61,9 +61,10 @@ class StreamedLinear(nn.Module):
         raw = self.rows.read_into(scratch(N * K, self.rows.dtype).view(N, K))
         if raw.dtype == self.dtype:
             return raw
-        w, rows = scratch(N * K, self.dtype).view(N, K), max(1, self.CHUNK // K)
+        w = scratch(N * K, self.dtype).view(N, K)
         if self.dtype == torch.float32:
             return w.copy_(raw)
+        rows = max(1, self.CHUNK // K)
         for r0 in range(0, N, rows):
             f = scratch(min(rows, N - r0) * K, torch.float32).view(-1, K).copy_(raw[r0:r0 + rows])
             w[r0:r0 + rows].copy_(f)
