@@ -51,6 +51,11 @@ int main(void) {
     act_quant_i8(xi, MI, K, 2 * K, 2, xq8, xsc, xsm, 2);  /* silu(gate) * up */
     for (int i = 0; i < MI * K; i++) xqf[i] = xq8[i] * xsc[i / 32];
     show("act_quant_i8_glu", xqf, MI * K);
+    /* Prefill on int16: the same 11 rows, then their silu(gate) * up (kind 2). */
+    q4x16_gemm_i16(xi, MI, K, K, 0, N, w4, s4, z4, yi, N, 2);
+    show("q4x16_gemm_i16", yi, MI * N);
+    q4x16_gemm_i16(xi, MI, K, 2 * K, 2, N, w4, s4, z4, yi, N, 2);
+    show("q4x16_gemm_i16_glu", yi, MI * N);
 
     static float g[M * 2 * 40], act[4096];
     static uint16_t gb[M * 2 * 40], ob[M * 40];

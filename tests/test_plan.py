@@ -68,14 +68,14 @@ def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
 
 def test_every_candidate_is_timed(cfg):
     """The real measurement (on the model's shapes) times every candidate the plan weighs, where this machine has it:
-    float32 and bf16 vision linears and their prepacked form, the prefill paths (int8 with native kernels), SDPA and
+    float32 and bf16 vision linears and their prepacked form, the prefill paths (int8, int16 with native kernels), SDPA and
     the native attention for the vision tower and for a text prompt, and the decode kernels."""
     t = plan_module._time_candidates(cfg, kernels.isa() if kernels.load() is not None else None)
     want = {"vision_float32", "vision_bf16", "prefill_float32", "prefill_bf16", "attention_sdpa", "text_attention_sdpa"}
     if torch.backends.mkldnn.is_available():
         want.add("vision_packed")
     if kernels.load() is not None:
-        want |= {"prefill_int8", "decode_q4x16", "attention_native", "text_attention_native"}
+        want |= {"prefill_int8", "prefill_int16", "decode_q4x16", "attention_native", "text_attention_native"}
     assert want <= t.keys() and all(v > 0 for v in t.values()), (want - t.keys(), t)
 
 
@@ -94,6 +94,27 @@ def test_int8_prefill_only_when_asked(cfg, monkeypatch):
     monkeypatch.setenv("QWEN2VL_PREFILL", "int4")
     with pytest.raises(ValueError, match="QWEN2VL_PREFILL='int4'"):
         plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+
+
+@pytest.mark.parametrize("int16, bf16, want", [(0.02, 0.01, torch.bfloat16), (0.011, 0.01, torch.int16),
+                                                 (0.05, 0.01, torch.bfloat16), (0.02, 0.025, torch.int16),
+                                                 (0.04, 0.05, torch.float32)])
+def test_prefill_prefers_the_float32_grade_paths(cfg, monkeypatch, int16, bf16, want):
+    """int16 activations (per 128) are as accurate as float32, bf16 is not: the faster of float32 (0.03 s here) and
+    int16 is taken unless bf16 beats it by 10%; QWEN2VL_PREFILL=int16 asks for it whatever the timings."""
+    monkeypatch.delenv("QWEN2VL_PREFILL", raising=False)
+    t = {**fake_timings(True), "prefill_float32": 0.03, "prefill_int16": int16, "prefill_bf16": bf16}
+    monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: t)
+    p = plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+    assert p.prefill_dtype == want
+    assert f"int16 ({p.isa}) {int16 * 1e3:.1f} ms" in p.describe()
+    if want == torch.int16:
+        assert "int16 activations per 128 inputs x int4 weights" in p.describe()
+    monkeypatch.setenv("QWEN2VL_PREFILL", "int16")
+    assert plan_module.decide(cfg, torch.device("cpu"), torch.float32, None).prefill_dtype == torch.int16
+    monkeypatch.setattr(plan_module, "measure", lambda cfg, isa: fake_timings(True))  # no native kernels
+    p = plan_module.decide(cfg, torch.device("cpu"), torch.float32, None)
+    assert p.prefill_dtype == torch.float32 and "QWEN2VL_PREFILL=int16 needs the native kernels" in p.describe()
 
 
 def test_measurements_are_cached(cfg, monkeypatch, tmp_path):

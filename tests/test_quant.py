@@ -165,13 +165,14 @@ def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch, backend):
     assert torch.equal(y3.view(batch, N), y)
 
 
-@pytest.mark.parametrize("bulk", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+@pytest.mark.parametrize("bulk", [torch.bfloat16, torch.int8, torch.int16], ids=["bf16", "int8", "int16"])
 @pytest.mark.parametrize("batch", [1, 5, 40])
 def test_16_or_8_bit_prefill_and_fused_projections(batch, bulk, backend):
     """Fused q/k/v layers equal the separate ones. With bf16 bulk matmuls (where the plan measures them faster),
     inputs of more than 16 rows round activations and dequantized weights to bf16: relative error <= 1e-2. With int8
     (QWEN2VL_PREFILL=int8), the q4x16 layers round activations to int8 per 32 inputs (half a step of max / 127:
-    ~0.5% of a row's spread): <= 2e-2; other layers then prefill in float32: <= 1e-5."""
+    ~0.5% of a row's spread): <= 2e-2; with int16, per 128 inputs as decoding does: <= 1e-4; other layers then
+    prefill in float32: <= 1e-5."""
     kernel, native = backend
     parts = [make_layer("awq", 4, 256, n, seed=i) for i, n in enumerate((128, 64, 64))]
     x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(2))
@@ -189,7 +190,8 @@ def test_16_or_8_bit_prefill_and_fused_projections(batch, bulk, backend):
         if batch <= 16:
             tol = 1e-2 if kernel == "int4_cpu" else 1e-4
         else:
-            tol = 1e-2 if bulk == torch.bfloat16 else 2e-2 if kernel == "q4x16" else 1e-5
+            tol = 1e-2 if bulk == torch.bfloat16 else 1e-5 if kernel != "q4x16" else 2e-2 if bulk == torch.int8 \
+                else 1e-4
         assert rel <= tol, rel
 
 
@@ -213,7 +215,8 @@ def awq_model(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         measured = plan_module.measure
         mp.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "decode_torch_int4": float("inf"),
-                                                            "prefill_float32": float("inf")})
+                                                            "prefill_float32": float("inf"),
+                                                            "prefill_int16": float("inf")})
         fast = Qwen2VL.from_pretrained(root / "awq", progress=False)
     kernel = "q4x16" if bits == 4 and ours.plan.isa else "reference"  # fast=False: never bf16 activations
     assert ours.plan.decode == ("float32" if ours.plan.isa else "reference")
@@ -274,26 +277,39 @@ CASES = {"text": [[("text", 24)]], "image": [[("text", 4), ("image", (1, 4, 6)),
 
 
 # Of the logit scale: bf16 prefill and vision. Tiny random models amplify bf16 rounding: measured 3.6% (text) and
-@pytest.fixture(scope="module")
-def int8_model(awq_model):
-    """The fast model of the same checkpoint with int8 prefill matmuls (QWEN2VL_PREFILL=int8) and the native decode."""
-    root = awq_model[4]
+def prefill_model(root, dtype: torch.dtype) -> Qwen2VL:
+    """The fast model of a checkpoint with the native prefill matmuls QWEN2VL_PREFILL=int8|int16 asks for, the
+    native decode and a float32 vision tower (so that the prompt logits measure the prefill's rounding alone)."""
+    name = str(dtype).removeprefix("torch.")
     with pytest.MonkeyPatch.context() as mp:
         measured = plan_module.measure
-        mp.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "decode_torch_int4": float("inf")})
-        mp.setenv("QWEN2VL_PREFILL", "int8")
+        mp.setattr(plan_module, "measure", lambda cfg, isa: {**measured(cfg, isa), "decode_torch_int4": float("inf"),
+                                                            "vision_bf16": float("inf")})
+        mp.setenv("QWEN2VL_PREFILL", name)
         model = Qwen2VL.from_pretrained(root / "awq", progress=False)
-    if model.plan.prefill_dtype != torch.int8:
-        pytest.skip("int8 prefill needs the native kernels (a C compiler, QWEN2VL_NATIVE not 0)")
+    if model.plan.prefill_dtype != dtype:
+        pytest.skip(f"{name} prefill needs the native kernels (a C compiler, QWEN2VL_NATIVE not 0)")
+    assert model.plan.vision_dtype == torch.float32
     return model
 
 
+@pytest.fixture(scope="module")
+def int8_model(awq_model):
+    return prefill_model(awq_model[4], torch.int8)
+
+
+@pytest.fixture(scope="module")
+def int16_model(awq_model):
+    return prefill_model(awq_model[4], torch.int16)
+
+
 # 4.9-5.4% (image) here, 2.8% on the real 2B shape (scripts/fast_paths_accuracy.py, BENCHMARKS.md); int8 prefill
-# (QWEN2VL_PREFILL=int8) 7.8-8.5% here, 6.2% on the 2B shape.
-FAST_LOGITS_TOL = {torch.bfloat16: 8e-2, torch.int8: 1.2e-1}
+# (QWEN2VL_PREFILL=int8) 7.8-8.5% here, 6.2% on the 2B shape. int16 activations (steps of 2^-16 of a block's largest
+# value, float32 vision here) stay within float32's tolerance times ten.
+FAST_LOGITS_TOL = {torch.bfloat16: 8e-2, torch.int8: 1.2e-1, torch.int16: 1e-3}
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast", "fast-int8"])
+@pytest.mark.parametrize("mode", ["exact", "fast", "fast-int8", "fast-int16"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_awq_model_matches_dense_transformers(awq_model, case, mode, request):
     """Against transformers holding the dequantized weights as dense fp32.
@@ -301,12 +317,13 @@ def test_awq_model_matches_dense_transformers(awq_model, case, mode, request):
     Logits over the prompt: with fast=False a prefill of more than 16 tokens dequantizes each layer's weights and
     computes in float32, so they match to 1e-4, as dense parity does. The fast default on a CPU with bf16 matrix
     instructions runs prefill and vision matmuls in bf16: max difference <= 8% of the logit scale (elsewhere it is
-    the float32 path again). QWEN2VL_PREFILL=int8 rounds the prefill matmuls' activations to int8: <= 12%. Decode steps use the int4 kernels (int16 or bf16 activations; the kernel test bounds
-    them per layer) and, fast, the head's int8 scan whose greedy choice is proven exact: the 16 greedy tokens must
+    the float32 path again). QWEN2VL_PREFILL=int8 rounds the prefill matmuls' activations to int8: <= 12%; int16 (the decode kernel's
+    rounding, at any number of rows), with a float32 vision tower: <= 0.1%. Decode steps use the int4 kernels (int16
+    or bf16 activations; the kernel test bounds them per layer) and, fast, the head's int8 scan whose greedy choice is proven exact: the 16 greedy tokens must
     agree; if they part at a step whose top-2 logits (transformers') lie within 3% of the logit scale, the
     comparison stops there (tie-aware, as vLLM's check_logprobs_close)."""
     exact, fast, hf, config, _ = awq_model
-    ours = {"exact": exact, "fast": fast}.get(mode) or request.getfixturevalue("int8_model")
+    ours = {"exact": exact, "fast": fast}.get(mode) or request.getfixturevalue(mode.removeprefix("fast-") + "_model")
     inputs = build_inputs(CASES[case], config["vocab_size"], seed=8)
     assert inputs["input_ids"].shape[1] > 16
     ref = hf_logits(hf, inputs)
@@ -315,7 +332,7 @@ def test_awq_model_matches_dense_transformers(awq_model, case, mode, request):
     diff = (got - ref).abs().max().item()
     rounded = mode != "exact" and (ours.plan.vision_dtype == torch.bfloat16 or ours.plan.prefill_dtype != torch.float32)
     print(f"{case} {mode}: max |logit diff| {diff:.2e} (scale {scale:.2f})")
-    tol = FAST_LOGITS_TOL[torch.int8 if ours.plan.prefill_dtype == torch.int8 else torch.bfloat16]
+    tol = FAST_LOGITS_TOL.get(ours.plan.prefill_dtype, FAST_LOGITS_TOL[torch.bfloat16])
     assert diff <= (tol * scale if rounded else 1e-4)
     with torch.no_grad():
         out = hf.generate(**inputs, do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0,
@@ -407,14 +424,14 @@ def test_streamed_linear_equals_a_loaded_weight(tmp_path, stored, dtype, monkeyp
             x = layer(x)
 
 
-@pytest.mark.parametrize("prefill", ["bf16", "int8"])
+@pytest.mark.parametrize("prefill", ["bf16", "int8", "int16"])
 def test_prefill_mlp_equals_the_model_mlp(awq_model, prefill, request):
     """Where the fused gate/up and the down projection prefill in bf16 with the native kernels, the fast model's MLPs
     keep the gate/up output in bf16 and take silu(gate) * up in one native pass: the same bf16 products as the model's
     own MLP (float32 silu, rounded to bf16 for the down projection), so the same logits up to float32 ulps in silu.
-    In int8, silu(gate) * up is computed while quantizing the down projection's input: the same int8 rows up to a
-    step where silu's last float32 bits cross a rounding boundary."""
-    fast = awq_model[1] if prefill == "bf16" else request.getfixturevalue("int8_model")
+    In int8 and int16, silu(gate) * up is computed while rounding the down projection's input: the same integer rows
+    up to a step where silu's last float32 bits cross a rounding boundary."""
+    fast = awq_model[1] if prefill == "bf16" else request.getfixturevalue(f"{prefill}_model")
     config = awq_model[3]
     layers = [layer.layer if isinstance(layer, NativeDecoderLayer) else layer for layer in fast.model.model.layers]
     for layer in layers:

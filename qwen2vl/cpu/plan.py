@@ -21,7 +21,10 @@ from ..config import Qwen2VLConfig
 from ..quant.formats import q4x16_pack
 
 _SHORT = {torch.float32: "float32", torch.bfloat16: "bf16"}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8",
+                torch.int16: "int16"}
+_PREFILL_NAMES = {torch.int8: "int8 activations per 32 inputs x int4 weights",
+                  torch.int16: "int16 activations per 128 inputs x int4 weights"}
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class Plan:
     vision_linear: str  # "packed" (oneDNN-prepacked bf16 weights) | "torch"
     vision_kernels: bool  # native rotary and quick_gelu in the vision tower
     vision_attention: str  # "native" (kernels.c bf16 flash attention) | "torch" (SDPA)
-    # Quantized matmuls over many rows: weights dequantized to float32 or bfloat16, or int8 (activations rounded per
-    # 32 inputs, the native int4 x int8 kernel).
+    # Quantized matmuls over many rows: weights dequantized to float32 or bfloat16, or the native int4 kernels on
+    # activations rounded to int8 per 32 inputs or to int16 per 128 (the decode kernel's arithmetic).
     prefill_dtype: torch.dtype
     decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
     head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
@@ -57,8 +60,8 @@ class Plan:
                               if self.vision_streamed else "")),
                 ("text", ("native RMSNorm and rotary" if self.text_kernels else "torch ops") +
                  f", {self.text_attention} prompt attention"),
-                ("prefill matmuls", "int8 activations per 32 inputs x int4 weights" if self.prefill_dtype == torch.int8
-                 else _DTYPE_NAMES[self.prefill_dtype]), ("decode", self.decode),
+                ("prefill matmuls", _PREFILL_NAMES.get(self.prefill_dtype, _DTYPE_NAMES[self.prefill_dtype])),
+                ("decode", self.decode),
                 ("LM head", self.head)]
         lines = [f"{k:>18}: {v}" for k, v in rows]
         lines += [f"{'why ' + k:>18}: {v}" for k, v in self.reasons.items()]
@@ -120,22 +123,27 @@ def _vision_streamed(cfg: Qwen2VLConfig) -> tuple[int, str]:
     return int(want), f"{want} of {depth} blocks, chosen by QWEN2VL_VISION_STREAM"
 
 
-PREFILL_CHOICES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+PREFILL_CHOICES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int16": torch.int16}
 
 
 def _prefill(t: dict[str, float], isa: str | None) -> tuple[torch.dtype, str]:
-    """The prefill matmuls' dtype and why. By speed, bf16 or float32; int8 activations (per 32 inputs) only where
-    QWEN2VL_PREFILL=int8 asks: it is the fastest on VNNI CPUs, but costs more accuracy than bf16 (BENCHMARKS.md)."""
-    why = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms" + (
-        f", int8 ({isa}) {t['prefill_int8'] * 1e3:.1f} ms" if "prefill_int8" in t else "")
+    """The prefill matmuls' dtype and why. By speed, among the paths as accurate as float32 (float32, and int16
+    activations per 128 where native kernels run), unless bf16 beats the faster of them by 10%: it rounds weights
+    and activations to 8 bits of mantissa. int8 activations (per 32) only where QWEN2VL_PREFILL=int8 asks: the
+    fastest on VNNI CPUs, but they cost more accuracy than bf16 (BENCHMARKS.md)."""
+    why = f"bf16 {t['prefill_bf16'] * 1e3:.1f} ms vs float32 {t['prefill_float32'] * 1e3:.1f} ms" + "".join(
+        f", {name} ({isa}) {t['prefill_' + name] * 1e3:.1f} ms" for name in ("int16", "int8") if "prefill_" + name in t)
     want = os.environ.get("QWEN2VL_PREFILL", "").strip().lower()
     if want and want not in PREFILL_CHOICES:
         raise ValueError(f"QWEN2VL_PREFILL={want!r}: use one of {', '.join(PREFILL_CHOICES)}")
-    if want == "int8" and "prefill_int8" not in t:
-        return torch.float32, why + "; QWEN2VL_PREFILL=int8 needs the native kernels: float32"
+    if want in ("int8", "int16") and f"prefill_{want}" not in t:
+        return torch.float32, why + f"; QWEN2VL_PREFILL={want} needs the native kernels: float32"
     if want:
         return PREFILL_CHOICES[want], why + f"; chosen by QWEN2VL_PREFILL={want}"
-    return (torch.bfloat16 if t["prefill_bf16"] < 0.9 * t["prefill_float32"] else torch.float32), why
+    exact = min(("float32", "int16"), key=lambda name: t.get(f"prefill_{name}", float("inf")))
+    if t["prefill_bf16"] < 0.9 * t[f"prefill_{exact}"]:
+        return torch.bfloat16, why
+    return PREFILL_CHOICES[exact], why
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +213,7 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
                     lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, bb, "none", [None], ""))
             except RuntimeError:  # this torch's oneDNN has no bf16 path here
                 pass
-    if k is not None:  # the quantized layers' prefill paths as they run: dequantize W^T then multiply, or int8
+    if k is not None:  # the quantized layers' prefill paths as they run: dequantize W^T then multiply, or int8/16
         M, K, N = shapes["prefill"]
         x = torch.randn(M, K, generator=g)
         layer = q4x16_pack(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8),
@@ -214,6 +222,7 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
             wt, xd = torch.empty(K, N, dtype=dtype), x.to(dtype)
             out[f"prefill_{_SHORT[dtype]}"] = _best(lambda: torch.mm(xd, k.q4x16_dequant_t(*layer, wt)))
         out["prefill_int8"] = _best(lambda: k.q4x16_gemm_i8(k.act_quant_i8(x), *layer))
+        out["prefill_int16"] = _best(lambda: k.q4x16_gemm_i16(x, *layer))
     L, H, D = shapes["attention"]
     qkv = torch.randn(L, 3, H, D, generator=g).bfloat16()
     q, kk, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # (1, H, L, D), as Segments.attention

@@ -158,6 +158,7 @@ class Kernels:
             "q4x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
             "q4x16_dequant_t": [_P, _P, _P, _I, _I, _P, _I, _I],
             "q8x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _I],
+            "q4x16_gemm_i16": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I],
             "act_quant_i8": [_P, _I, _I, _I, _I, _P, _P, _P, _I],
             "q4x16_gemm_i8": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I],
             "rotary": [_P, _I, _I, _I, _I, _P, _P, _I, _I],
@@ -210,6 +211,21 @@ class Kernels:
         y = torch.empty(M, N)
         self.lib.q4x16_gemv(x.data_ptr(), M, K, N, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                            y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def q4x16_gemm_i16(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       glu: bool = False) -> torch.Tensor:
+        """x (M, K) float32 -> (M, N) float32 = x W^T for W in the q4x16 layout, with q4x16_gemv's arithmetic
+        (activations rounded to int16 per 128) at any M; with `glu`, x (M, 2K) = [gate | up] and the rows multiplied
+        are silu(gate) * up."""
+        M, K = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
+        N = packed.shape[0] * 16
+        if packed.shape[1] * 128 != K or not packed.is_contiguous() or x.dtype != torch.float32 or x.stride(1) != 1:
+            raise ValueError(f"q4x16_gemm_i16: x {x.dtype} {tuple(x.shape)} (glu={glu}) does not fit weights "
+                             f"{tuple(packed.shape)}")
+        y = torch.empty(M, N)
+        self.lib.q4x16_gemm_i16(x.data_ptr(), M, K, x.stride(0), 2 if glu else 0, N, packed.data_ptr(),
+                                scale.data_ptr(), zero.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
         return y
 
     def act_quant_i8(self, x: torch.Tensor, glu: bool = False) -> "QuantizedRows":

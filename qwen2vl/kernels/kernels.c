@@ -19,7 +19,9 @@
 
    Decode-sized matmuls (M <= 16 rows) round activations to int16 per block of 128 inputs (scale = max|x| / 32767:
    an error of at most 2^-16 of the block's largest value), so that weight x activation products are exact integer
-   dot products; y = W . x~ up to the float32 rounding of the per-group partial sums.
+   dot products; y = W . x~ up to the float32 rounding of the per-group partial sums. q4x16_gemm_i16 runs the same
+   arithmetic over prefill-sized M (float32's accuracy; on CPUs with VNNI, vpdpwssd multiplies twice as many pairs
+   per instruction as a float32 FMA).
 
    Prefill-sized matmuls on int8 (q4x16_gemm_i8) round activations to int8 per group of 32 inputs (scale =
    max|x| / 127), as OpenVINO's CPU plugin does for its compressed matmuls: small groups keep a few large channels
@@ -206,6 +208,44 @@ void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const floa
         q8x16_block(w + (size_t)blk * (K / 128) * 2048, K / 128, q.q, q.s, M, K, out);
         for (int m = 0; m < M; m++)
             for (int r = 0; r < 16; r++) y[(size_t)m * N + blk * 16 + r] = out[m * 16 + r] * scale[blk * 16 + r];
+    }
+    xquant_free(&q);
+}
+
+/* y (M, N) float32 (row stride ldy) = x W^T for the q4x16 layout with q4x16_gemv's arithmetic (activations rounded
+   to int16 per 128), for prefill-sized M. kind: 0 float32 rows of stride ld, 2 float32 [gate | up] rows (ld >= 2K)
+   whose silu(gate) * up is multiplied (the MLP's down projection). x is rounded once; then each thread takes chunks
+   of GEMM16_BLOCKS 16-row blocks, whose bytes stay in cache while every tile of up to QK_MAX_M rows runs, so that
+   rows m0..m0+15 get exactly q4x16_gemv's results for those rows. */
+#define GEMM16_BLOCKS 4
+
+void q4x16_gemm_i16(const float *x, int M, int K, int ld, int kind, int N, const uint8_t *w, const uint16_t *scale,
+                    const uint8_t *zero, float *y, int ldy, int threads) {
+    const int G = K / 128, B = N / 16, C = (B + GEMM16_BLOCKS - 1) / GEMM16_BLOCKS;
+    xquant_t q = {aligned_alloc(64, (sizeof(int16_t) * (size_t)M * K + 63) / 64 * 64),
+                  malloc(sizeof(float) * M * G), malloc(sizeof(float) * M * G)};
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *r = x + (size_t)m * ld + g * 128;
+            float v[128];
+            if (kind == 2) for (int i = 0; i < 128; i++) v[i] = silu_c(r[i]) * r[K + i];
+            else memcpy(v, r, sizeof v);
+            quantize_group(v, q.q + (size_t)m * K + g * 128, q.s + m * G + g, q.sum + m * G + g);
+        }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int c = 0; c < C; c++) {
+        const int b0 = c * GEMM16_BLOCKS, nb = B - b0 < GEMM16_BLOCKS ? B - b0 : GEMM16_BLOCKS;
+        float out[16 * QK_MAX_M];
+        for (int m0 = 0; m0 < M; m0 += QK_MAX_M) {
+            const int mt = M - m0 < QK_MAX_M ? M - m0 : QK_MAX_M;
+            for (int b = b0; b < b0 + nb; b++) {
+                q4x16_block(w + (size_t)b * G * 1024, scale + (size_t)b * G * 16, zero + (size_t)b * G * 16, G,
+                            q.q + (size_t)m0 * K, q.s + m0 * G, q.sum + m0 * G, mt, K, out);
+                for (int m = 0; m < mt; m++)
+                    memcpy(y + (size_t)(m0 + m) * ldy + b * 16, out + m * 16, sizeof(float) * 16);
+            }
+        }
     }
     xquant_free(&q);
 }

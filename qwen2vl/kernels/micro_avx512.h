@@ -40,12 +40,12 @@ static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, c
                                                              float *out) {
     const __m512i low = _mm512_set1_epi16(15);
     const int C = MT == 1 ? 2 : 1;  /* chains per nibble half */
-    __m512 acc[4];
+    __m512 acc[8];
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
         const uint8_t *p = w + (size_t)g * 1024;
         for (int o = 0; o < 1024; o += 64) _mm_prefetch((const char *)p + 4096 + o, _MM_HINT_T0);
-        __m512i a[4][4];
+        __m512i a[8][4];
         for (int m = 0; m < MT; m++)
             for (int c = 0; c < 2 * C; c++) a[m][c] = _mm512_setzero_si512();
         for (int q = 0; q < 32; q += 2) {
@@ -80,11 +80,15 @@ static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, c
 /* out[m * 16 + r] = row r of this 16-row block (w, scale, zero at the block's first group) . x_m, for M <= 16. */
 static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
                         const float *xs, const float *xsum, int M, int K, float *out) {
-    for (int m0 = 0; m0 < M; m0 += 4) {
+    for (int m0 = 0; m0 < M; m0 += 8) {
         const int16_t *x = xq + (size_t)m0 * K;
         const float *s = xs + m0 * G, *sum = xsum + m0 * G;
         float *o = out + m0 * 16;
-        switch (M - m0 < 4 ? M - m0 : 4) {
+        switch (M - m0 < 8 ? M - m0 : 8) {
+            case 8: q4x16_tile(w, scale, zero, G, x, s, sum, K, 8, o); break;
+            case 7: q4x16_tile(w, scale, zero, G, x, s, sum, K, 7, o); break;
+            case 6: q4x16_tile(w, scale, zero, G, x, s, sum, K, 6, o); break;
+            case 5: q4x16_tile(w, scale, zero, G, x, s, sum, K, 5, o); break;
             case 4: q4x16_tile(w, scale, zero, G, x, s, sum, K, 4, o); break;
             case 3: q4x16_tile(w, scale, zero, G, x, s, sum, K, 3, o); break;
             case 2: q4x16_tile(w, scale, zero, G, x, s, sum, K, 2, o); break;

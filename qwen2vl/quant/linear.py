@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         K, N, G = in_features, out_features, in_features // group_size
         # The matmul dtype for inputs of more than DECODE_ROWS rows: float32 or bfloat16 (weights dequantized), or
-        # int8 (activations quantized per 32 for the q4x16 kernel; float32 where a layer cannot take it).
+        # the q4x16 kernels' int8 (activations rounded per 32) or int16 (per 128); float32 where a layer cannot.
         self.bulk_dtype = bulk_dtype or dtype
         self.in_features, self.out_features = K, N
         self.fmt, self.bits, self.group_size, self.zero_offset = fmt, bits, group_size, zero_offset
@@ -114,8 +114,9 @@ class QuantLinear(nn.Module):
             self._to_q4x16(q, scales, zeros, perm)
         elif kernel == "int4_cpu" and on_cpu and int4_cpu_fits(self.in_features, self.out_features, self.group_size):
             self._to_int4_cpu(q, scales, zeros, perm)
+        native_many = {torch.int8: self._q4x16_int8, torch.int16: self._q4x16_int16}
         self.few, self.many = {"q4x16": (self.bulk_matmul if float32 else self._q4x16,
-                                         self._q4x16_int8 if self.bulk_dtype == torch.int8 else self.bulk_matmul),
+                                         native_many.get(self.bulk_dtype, self.bulk_matmul)),
                                "reference": (self._reference,) * 2,
                                "int4_cpu": (self._int4_cpu, self.bulk_matmul if self.exact else self._int4_cpu)
                                }[self.kernel]
@@ -182,9 +183,7 @@ class QuantLinear(nn.Module):
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
         fused.exact, fused.kernel, fused.prepared, fused.kernels = True, first.kernel, True, first.kernels
-        fused.few = fused.bulk_matmul if first.few == first.bulk_matmul else \
-            fused._q4x16 if first.kernel == "q4x16" else fused._int4_cpu
-        fused.many = fused._q4x16_int8 if first.many == first._q4x16_int8 else fused.bulk_matmul
+        fused.few, fused.many = (getattr(fused, f.__name__) for f in (first.few, first.many))  # the same paths
         for p in parts:  # the parts keep their names (and shapes) but no longer hold weights
             for name in ("packed", "scale_zero", "scales", "zeros"):
                 setattr(p, name, None)
@@ -209,6 +208,14 @@ class QuantLinear(nn.Module):
     def _q4x16_int8(self, x: torch.Tensor) -> torch.Tensor:  # int8 activations per 32 (kernels.c)
         return self.matmul_int8(self.kernels.act_quant_i8(x))
 
+    def _q4x16_int16(self, x: torch.Tensor) -> torch.Tensor:  # int16 activations per 128 (kernels.c), any rows
+        return self.matmul_int16(x.float())
+
+    def matmul_int16(self, x: torch.Tensor, glu: bool = False) -> torch.Tensor:
+        """x W^T (M, N) float32 for float32 rows rounded to int16 per 128 (a q4x16 layer); with `glu`, x is
+        [a | b] (M, 2K) and the rows multiplied are silu(a) * b."""
+        return self.kernels.q4x16_gemm_i16(x, self.packed, self.scales, self.zeros, glu=glu)
+
     def matmul_int8(self, x) -> torch.Tensor:
         """x W^T (M, N) float32 for rows already quantized by Kernels.act_quant_i8 (a q4x16 layer)."""
         return self.kernels.q4x16_gemm_i8(x, self.packed, self.scales, self.zeros)
@@ -221,7 +228,7 @@ class QuantLinear(nn.Module):
         """x (M, K) -> x W^T (M, N), no bias, in the matmul's dtype: the weights dequantized (natively where the
         plan gave kernels) into a reused buffer, in `bulk_dtype`, else by torch ops in x's dtype."""
         N, K = self.out_features, self.in_features
-        dtype = self.bulk_dtype if self.bulk_dtype.is_floating_point else torch.float32  # int8: its own kernel
+        dtype = self.bulk_dtype if self.bulk_dtype.is_floating_point else torch.float32  # int8/16: own kernels
         if self.kernel == "q4x16":  # W^T (K, N): oneDNN's bf16 matmul is ~25% faster with it at ~300 rows
             wt = self.kernels.q4x16_dequant_t(self.packed, self.scales, self.zeros, scratch(K * N, dtype).view(K, N))
             return torch.mm(x.to(wt.dtype), wt)
