@@ -31,47 +31,52 @@ static void quantize_group(const float *v, int16_t *q, float *scale, float *sum)
     *sum = (float)_mm512_reduce_add_epi32(total);
 }
 
-/* Up to four input rows (MT, a constant once inlined) against a 16-row block: per pair of inputs, one load gives the
+/* Up to eight input rows (MT, a constant once inlined) against a 16-row block: per pair of inputs, one load gives the
    16 rows' levels (low nibbles: inputs 2p, 2p + 1; high: 64 + 2p, 65 + 2p), each multiplied by one broadcast pair
-   of every row's activations. MT == 1 keeps four integer chains to cover vpdpwssd's latency, more rows two each. */
+   of every row's activations. Integer chains per row cover vpdpwssd's latency: four for one row, two for up to four,
+   one for more. Past four rows, the levels have the group's zero points subtracted (in [-15, 15]) so that each
+   row's exact integer dot product is scaled once; fewer rows take zero * xsum in float32 instead, which saves two
+   subtractions per load. */
 static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, const uint16_t *scale,
                                                              const uint8_t *zero, int G, const int16_t *xq,
                                                              const float *xs, const float *xsum, int K, const int MT,
                                                              float *out) {
     const __m512i low = _mm512_set1_epi16(15);
-    const int C = MT == 1 ? 2 : 1;  /* chains per nibble half */
+    const int C = MT == 1 ? 4 : MT <= 4 ? 2 : 1, sub = MT > 4;
     __m512 acc[8];
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
         const uint8_t *p = w + (size_t)g * 1024;
         for (int o = 0; o < 1024; o += 64) _mm_prefetch((const char *)p + 4096 + o, _MM_HINT_T0);
+        const __m512i z32 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zero + g * 16)));
+        const __m512i z = sub ? _mm512_or_si512(z32, _mm512_slli_epi32(z32, 16)) : _mm512_setzero_si512();
         __m512i a[8][4];
         for (int m = 0; m < MT; m++)
-            for (int c = 0; c < 2 * C; c++) a[m][c] = _mm512_setzero_si512();
+            for (int c = 0; c < C; c++) a[m][c] = _mm512_setzero_si512();
         for (int q = 0; q < 32; q += 2) {
             #pragma GCC unroll 2
-            for (int h = 0; h < 2; h++) {  /* pairs q and q + 1: chains 0, 1 and (MT == 1) 2, 3 */
+            for (int h = 0; h < 2; h++) {  /* pairs q and q + 1 */
                 const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32 * (q + h))));
-                const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_srli_epi16(b, 4);
-                const int c = C == 2 ? 2 * h : 0;
+                __m512i lo = _mm512_and_si512(b, low), hi = _mm512_srli_epi16(b, 4);
+                if (sub) { lo = _mm512_sub_epi16(lo, z); hi = _mm512_sub_epi16(hi, z); }
+                const int cl = C == 4 ? 2 * h : 0, ch = C == 4 ? 2 * h + 1 : C - 1;
                 for (int m = 0; m < MT; m++) {
                     const int16_t *xg = xq + (size_t)m * K + g * 128;
                     int32_t xl, xh;
                     memcpy(&xl, xg + 2 * (q + h), 4);
                     memcpy(&xh, xg + 64 + 2 * (q + h), 4);
-                    a[m][c] = dot16(a[m][c], lo, _mm512_set1_epi32(xl));
-                    a[m][c + 1] = dot16(a[m][c + 1], hi, _mm512_set1_epi32(xh));
+                    a[m][cl] = dot16(a[m][cl], lo, _mm512_set1_epi32(xl));
+                    a[m][ch] = dot16(a[m][ch], hi, _mm512_set1_epi32(xh));
                 }
             }
         }
         const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * 16)));
-        const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zero + g * 16))));
         for (int m = 0; m < MT; m++) {
-            __m512i s = _mm512_add_epi32(a[m][0], a[m][1]);
-            if (C == 2) s = _mm512_add_epi32(s, _mm512_add_epi32(a[m][2], a[m][3]));
-            const __m512 f = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * G + g]));
-            const __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m * G + g]), _mm512_cvtepi32_ps(s));
-            acc[m] = _mm512_fmadd_ps(d, f, acc[m]);
+            __m512i s = a[m][0];
+            for (int c = 1; c < C; c++) s = _mm512_add_epi32(s, a[m][c]);
+            __m512 d = _mm512_cvtepi32_ps(s);
+            if (!sub) d = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(z32), _mm512_set1_ps(xsum[m * G + g]), d);
+            acc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * G + g])), acc[m]);
         }
     }
     for (int m = 0; m < MT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
