@@ -11,44 +11,51 @@ static inline __m256i dot16(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-/* Up to two input rows (MT, a constant once inlined) against a 16-row block, eight rows per vector: per pair of
+/* Up to four input rows (MT, a constant once inlined) against a 16-row block, eight rows per vector: per pair of
    inputs, 16 bytes give eight rows' levels (low nibbles: inputs 2p, 2p + 1; high: 64 + 2p, 65 + 2p), each multiplied
-   by one broadcast pair of the row's activations. Arithmetic as micro_generic.h's. */
+   by one broadcast pair of the row's activations. Up to two rows: arithmetic as micro_generic.h's; past two rows,
+   the levels have the group's zero points subtracted (in [-15, 15]), so that one integer chain per row and half
+   holds the exact dot product (what the 16 vector registers allow). */
 static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, const uint16_t *scale,
                                                              const uint8_t *zero, int G, const int16_t *xq,
                                                              const float *xs, const float *xsum, int K, const int MT,
                                                              float *out) {
     const __m256i low = _mm256_set1_epi16(15);
-    __m256 acc[2][2];  /* (input row, half of the block) */
+    const int sub = MT > 2, C = sub ? 1 : 2;  /* integer chains per (row, half) */
+    __m256 acc[4][2];  /* (input row, half of the block) */
     for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
         const uint8_t *p = w + (size_t)g * 1024;
         for (int o = 0; o < 1024; o += 64) _mm_prefetch((const char *)p + 4096 + o, _MM_HINT_T0);
-        __m256i a[2][2][2];  /* (input row, half, nibble) */
-        for (int m = 0; m < MT; m++)
-            for (int h = 0; h < 2; h++) a[m][h][0] = a[m][h][1] = _mm256_setzero_si256();
+        __m256i z[2], a[4][2][2];  /* zero points as int16 pairs per half; (input row, half, chain) */
+        for (int h = 0; h < 2; h++) {
+            const __m256i z32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zero + g * 16 + 8 * h)));
+            z[h] = _mm256_or_si256(z32, _mm256_slli_epi32(z32, 16));
+            for (int m = 0; m < MT; m++)
+                for (int c = 0; c < C; c++) a[m][h][c] = _mm256_setzero_si256();
+        }
         for (int q = 0; q < 32; q++) {
             for (int h = 0; h < 2; h++) {
                 const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 32 * q + 16 * h)));
-                const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi16(b, 4);
+                __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi16(b, 4);
+                if (sub) { lo = _mm256_sub_epi16(lo, z[h]); hi = _mm256_sub_epi16(hi, z[h]); }
                 for (int m = 0; m < MT; m++) {
                     const int16_t *xg = xq + (size_t)m * K + g * 128;
                     int32_t xl, xh;
                     memcpy(&xl, xg + 2 * q, 4);
                     memcpy(&xh, xg + 64 + 2 * q, 4);
                     a[m][h][0] = dot16(a[m][h][0], lo, _mm256_set1_epi32(xl));
-                    a[m][h][1] = dot16(a[m][h][1], hi, _mm256_set1_epi32(xh));
+                    a[m][h][C - 1] = dot16(a[m][h][C - 1], hi, _mm256_set1_epi32(xh));
                 }
             }
         }
         for (int h = 0; h < 2; h++) {
             const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g * 16 + 8 * h)));
-            const __m128i zb = _mm_loadl_epi64((const __m128i *)(zero + g * 16 + 8 * h));
-            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb));
+            const __m256 zf = _mm256_cvtepi32_ps(_mm256_srli_epi32(z[h], 16));
             for (int m = 0; m < MT; m++) {
                 const __m256 f = _mm256_mul_ps(sw, _mm256_set1_ps(xs[m * G + g]));
-                const __m256 s = _mm256_cvtepi32_ps(_mm256_add_epi32(a[m][h][0], a[m][h][1]));
-                const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum[m * G + g]), s);
+                __m256 d = _mm256_cvtepi32_ps(sub ? a[m][h][0] : _mm256_add_epi32(a[m][h][0], a[m][h][1]));
+                if (!sub) d = _mm256_fnmadd_ps(zf, _mm256_set1_ps(xsum[m * G + g]), d);
                 acc[m][h] = _mm256_fmadd_ps(d, f, acc[m][h]);
             }
         }
@@ -59,10 +66,16 @@ static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, c
 
 static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
                         const float *xs, const float *xsum, int M, int K, float *out) {
-    for (int m0 = 0; m0 < M; m0 += 2) {
+    for (int m0 = 0; m0 < M; m0 += 4) {
         const int16_t *x = xq + (size_t)m0 * K;
-        if (M - m0 >= 2) q4x16_tile(w, scale, zero, G, x, xs + m0 * G, xsum + m0 * G, K, 2, out + m0 * 16);
-        else q4x16_tile(w, scale, zero, G, x, xs + m0 * G, xsum + m0 * G, K, 1, out + m0 * 16);
+        const float *s = xs + m0 * G, *sum = xsum + m0 * G;
+        float *o = out + m0 * 16;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: q4x16_tile(w, scale, zero, G, x, s, sum, K, 4, o); break;
+            case 3: q4x16_tile(w, scale, zero, G, x, s, sum, K, 3, o); break;
+            case 2: q4x16_tile(w, scale, zero, G, x, s, sum, K, 2, o); break;
+            default: q4x16_tile(w, scale, zero, G, x, s, sum, K, 1, o); break;
+        }
     }
 }
 
