@@ -130,7 +130,8 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The ISA's microkernels: q4x16_block and q8x16_block (one 16-row block of a decode-sized matmul), and where it
+   The ISA's microkernels: q4x16_block (or q4x16_tile for up to QK_TILE_ROWS rows, which q4x16_block below runs)
+   and q8x16_block (one 16-row block of a decode-sized matmul), and where it
    has them, q4i8_tile (QK_HAVE_Q4I8_TILE: up to GEMM_MT input rows against one 16-row block's lanes, for
    prefill-sized matmuls on int8), q4x16_lanes and quantize32,
    the ISA's name and, where it has one (QK_HAVE_TILE64), its own dequant_tile64 (64 rows of one group of W^T from
@@ -147,6 +148,31 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 #endif
 
 const char *kernels_isa(void) { return QK_ISA_NAME; }
+
+#ifdef QK_TILE_ROWS
+/* out[m * 16 + r] = row r of this 16-row block (w, scale, zero at the block's first group) . x_m, for M <= 16, in
+   tiles of the microkernel's q4x16_tile: each call's row count a constant, so its accumulators stay in registers. */
+static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
+                        const float *xs, const float *xsum, int M, int K, float *out) {
+    for (int m0 = 0; m0 < M; m0 += QK_TILE_ROWS) {
+        const int16_t *x = xq + (size_t)m0 * K;
+        const float *s = xs + m0 * G, *sum = xsum + m0 * G;
+        float *o = out + m0 * 16;
+        switch (M - m0 < QK_TILE_ROWS ? M - m0 : QK_TILE_ROWS) {
+#if QK_TILE_ROWS >= 8
+            case 8: q4x16_tile(w, scale, zero, G, x, s, sum, K, 8, o); break;
+            case 7: q4x16_tile(w, scale, zero, G, x, s, sum, K, 7, o); break;
+            case 6: q4x16_tile(w, scale, zero, G, x, s, sum, K, 6, o); break;
+            case 5: q4x16_tile(w, scale, zero, G, x, s, sum, K, 5, o); break;
+#endif
+            case 4: q4x16_tile(w, scale, zero, G, x, s, sum, K, 4, o); break;
+            case 3: q4x16_tile(w, scale, zero, G, x, s, sum, K, 3, o); break;
+            case 2: q4x16_tile(w, scale, zero, G, x, s, sum, K, 2, o); break;
+            default: q4x16_tile(w, scale, zero, G, x, s, sum, K, 1, o); break;
+        }
+    }
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------------------------
    Decode-sized matmuls: each thread takes a contiguous share of row blocks and streams their bytes in order.

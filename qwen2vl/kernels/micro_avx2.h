@@ -64,20 +64,7 @@ static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, c
         for (int h = 0; h < 2; h++) _mm256_storeu_ps(out + 16 * m + 8 * h, acc[m][h]);
 }
 
-static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
-                        const float *xs, const float *xsum, int M, int K, float *out) {
-    for (int m0 = 0; m0 < M; m0 += 4) {
-        const int16_t *x = xq + (size_t)m0 * K;
-        const float *s = xs + m0 * G, *sum = xsum + m0 * G;
-        float *o = out + m0 * 16;
-        switch (M - m0 < 4 ? M - m0 : 4) {
-            case 4: q4x16_tile(w, scale, zero, G, x, s, sum, K, 4, o); break;
-            case 3: q4x16_tile(w, scale, zero, G, x, s, sum, K, 3, o); break;
-            case 2: q4x16_tile(w, scale, zero, G, x, s, sum, K, 2, o); break;
-            default: q4x16_tile(w, scale, zero, G, x, s, sum, K, 1, o); break;
-        }
-    }
-}
+#define QK_TILE_ROWS 4  /* q4x16_tile's most rows: kernels.c's q4x16_block calls it per tile */
 
 /* Up to two input rows against a 16-row q8x16 block, eight rows per vector. */
 static inline __attribute__((always_inline)) void q8x16_tile(const int8_t *w, int G, const int16_t *xq,

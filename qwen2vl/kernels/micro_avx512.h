@@ -82,25 +82,7 @@ static inline __attribute__((always_inline)) void q4x16_tile(const uint8_t *w, c
     for (int m = 0; m < MT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
 }
 
-/* out[m * 16 + r] = row r of this 16-row block (w, scale, zero at the block's first group) . x_m, for M <= 16. */
-static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int G, const int16_t *xq,
-                        const float *xs, const float *xsum, int M, int K, float *out) {
-    for (int m0 = 0; m0 < M; m0 += 8) {
-        const int16_t *x = xq + (size_t)m0 * K;
-        const float *s = xs + m0 * G, *sum = xsum + m0 * G;
-        float *o = out + m0 * 16;
-        switch (M - m0 < 8 ? M - m0 : 8) {
-            case 8: q4x16_tile(w, scale, zero, G, x, s, sum, K, 8, o); break;
-            case 7: q4x16_tile(w, scale, zero, G, x, s, sum, K, 7, o); break;
-            case 6: q4x16_tile(w, scale, zero, G, x, s, sum, K, 6, o); break;
-            case 5: q4x16_tile(w, scale, zero, G, x, s, sum, K, 5, o); break;
-            case 4: q4x16_tile(w, scale, zero, G, x, s, sum, K, 4, o); break;
-            case 3: q4x16_tile(w, scale, zero, G, x, s, sum, K, 3, o); break;
-            case 2: q4x16_tile(w, scale, zero, G, x, s, sum, K, 2, o); break;
-            default: q4x16_tile(w, scale, zero, G, x, s, sum, K, 1, o); break;
-        }
-    }
-}
+#define QK_TILE_ROWS 8  /* q4x16_tile's most rows: kernels.c's q4x16_block calls it per tile */
 
 /* Up to four input rows against a 16-row q8x16 block: per pair of inputs, one load gives the 16 rows' weights, each
    multiplied by one broadcast pair of every row's activations (four integer chains for one row, two for more). */
