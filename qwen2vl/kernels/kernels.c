@@ -201,9 +201,14 @@ static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, flo
 
 typedef struct { int16_t *q; float *s, *sum; } xquant_t;  /* quantize_x's three outputs */
 
-static xquant_t xquant(const float *x, int M, int K) {
+static xquant_t xquant_alloc(int M, int K) {
     xquant_t r = {aligned_alloc(64, (sizeof(int16_t) * (size_t)M * K + 127) / 64 * 64),
                   malloc(sizeof(float) * M * (K / 128)), malloc(sizeof(float) * M * (K / 128))};
+    return r;
+}
+
+static xquant_t xquant(const float *x, int M, int K) {
+    xquant_t r = xquant_alloc(M, K);
     quantize_x(x, M, K, r.q, r.s, r.sum);
     return r;
 }
@@ -248,8 +253,7 @@ void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const floa
 void q4x16_gemm_i16(const float *x, int M, int K, int ld, int kind, int N, const uint8_t *w, const uint16_t *scale,
                     const uint8_t *zero, float *y, int ldy, int threads) {
     const int G = K / 128, B = N / 16, C = (B + GEMM16_BLOCKS - 1) / GEMM16_BLOCKS;
-    xquant_t q = {aligned_alloc(64, (sizeof(int16_t) * (size_t)M * K + 63) / 64 * 64),
-                  malloc(sizeof(float) * M * G), malloc(sizeof(float) * M * G)};
+    xquant_t q = xquant_alloc(M, K);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
