@@ -18,7 +18,10 @@ import torch
 
 from .. import kernels
 from ..config import Qwen2VLConfig
+from ..quant import QuantConfig
 from ..quant.formats import q4x16_pack
+from ..quant.linear import int4_cpu_fits
+from .vision import PackedLinear
 
 _SHORT = {torch.float32: "float32", torch.bfloat16: "bf16"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8",
@@ -87,6 +90,9 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
         return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, "torch", compute,
                     decode, "exact", False, "torch", reasons=reasons)
     t = measure(cfg, isa)
+    int4, reasons["quantized layers"] = _int4_kernels(cfg)
+    if "q4x16" not in int4:  # the native int8 / int16 prefill matmuls run on the q4x16 layout only
+        t = {name: s for name, s in t.items() if name not in ("prefill_int8", "prefill_int16")}
     bf16_vit = t["vision_bf16"] < 0.9 * t["vision_float32"]
     prefill, reasons["prefill"] = _prefill(t, isa)
     packed = bf16_vit and "vision_packed" in t and t["vision_packed"] < t["vision_bf16"]
@@ -98,16 +104,33 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     text_attention = "native" if t.get("text_attention_native", float("inf")) < t["text_attention_sdpa"] else "torch"
     reasons["text attention"] = f"SDPA float32 {t['text_attention_sdpa'] * 1e3:.1f} ms" + (
         f" vs native ({isa}) {t['text_attention_native'] * 1e3:.1f} ms" if "text_attention_native" in t else "")
-    if k is not None:
-        decode = "native-layer" if t["decode_q4x16"] < t.get("decode_torch_int4", float("inf")) else "torch-int4"
-        reasons["decode"] = f"q4x16 ({isa}) {t['decode_q4x16'] * 1e3:.2f} ms" + (
-            f" vs torch int4 {t['decode_torch_int4'] * 1e3:.2f} ms" if "decode_torch_int4" in t else "")
-    else:
-        decode = "torch-int4"
+    decodes = {"native-layer": t.get("decode_q4x16") if "q4x16" in int4 and k is not None else None,
+               "torch-int4": t.get("decode_torch_int4") if "torch-int4" in int4 else None}
+    decodes = {name: s for name, s in decodes.items() if s is not None}
+    decode = min(decodes, key=decodes.get) if decodes else "float32" if k is not None else "reference"
+    reasons["decode"] = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in decodes.items()) or \
+        "no int4 kernel takes this checkpoint's layers: dequantized to float32"
     streamed, reasons["streaming"] = _vision_streamed(cfg)
     return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
                 k is not None, attention, prefill, decode, "scan-int8", k is not None, text_attention, streamed,
                 reasons)
+
+
+def _int4_kernels(cfg: Qwen2VLConfig) -> tuple[set[str], str]:
+    """The int4 kernels that can take this checkpoint's quantized layers, and why. A layer whose own shape does not
+    fit the kernel (QuantLinear.prepare checks each) computes from its dequantized weights instead."""
+    qc = QuantConfig.from_dict(cfg.quantization) if cfg.quantization else None
+    if qc is None:
+        return set(), "none"
+    fmt = f"{qc.method} {qc.bits}-bit, groups of {qc.group_size}"
+    out = {"q4x16"} if qc.bits == 4 and qc.group_size == 128 else set()
+    if qc.bits == 4 and int4_cpu_fits(qc.group_size, 16, qc.group_size):
+        out.add("torch-int4")
+    if not out:
+        return out, f"{fmt}: no int4 kernel applies (q4x16 needs 4-bit groups of 128, torch's int4 kernel 4-bit " \
+                    "groups of 32-256), every matmul from weights dequantized to float32"
+    missing = "" if "q4x16" in out else " (q4x16 and the int8 / int16 prefill need 4-bit groups of 128)"
+    return out, f"{fmt}: " + " and ".join(sorted(out)) + " can take them" + missing
 
 
 def _vision_streamed(cfg: Qwen2VLConfig) -> tuple[int, str]:
@@ -158,8 +181,11 @@ def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
 
 def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     v, t = cfg.vision, cfg.text
-    return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, t.hidden_size, t.intermediate_size),
-            "decode": (1, t.hidden_size, t.intermediate_size), "attention": (512, v.num_heads, v.head_dim),
+    # The int4 layouts' units (groups of 128 inputs, blocks of 16 outputs): a model whose sizes are not multiples
+    # times its candidates on the nearest larger shape (its layers that do not fit compute otherwise, see
+    # QuantLinear.prepare).
+    K, N = -(-t.hidden_size // 128) * 128, -(-t.intermediate_size // 16) * 16
+    return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, K, N), "decode": (1, K, N), "attention": (512, v.num_heads, v.head_dim),
             "text_attention": (512, t.num_attention_heads, t.num_key_value_heads, t.head_dim)}
 
 
@@ -204,15 +230,11 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
         for dtype in (torch.float32, torch.bfloat16):
             xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
             out[f"{part}_{_SHORT[dtype]}"] = _best(lambda: torch.nn.functional.linear(xd, wd, bd))
-        if part == "vision" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
-                torch.backends.mkldnn.is_available():
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), M)
-                xb, bb = x.bfloat16(), b.bfloat16()
-                out["vision_packed"] = _best(
-                    lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, bb, "none", [None], ""))
-            except RuntimeError:  # this torch's oneDNN has no bf16 path here
-                pass
+        if part == "vision" and PackedLinear.runs():
+            linear = torch.nn.Linear(K, N).bfloat16()
+            linear.weight.data, linear.bias.data = w.bfloat16(), b.bfloat16()
+            packed, xb = PackedLinear(linear), x.bfloat16()
+            out["vision_packed"] = _best(lambda: packed(xb))
     if k is not None:  # the quantized layers' prefill paths as they run: dequantize W^T then multiply, or int8/16
         M, K, N = shapes["prefill"]
         x = torch.randn(M, K, generator=g)

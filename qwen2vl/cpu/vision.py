@@ -5,6 +5,7 @@ linears of the blocks the plan streams, whose weights stay in the checkpoint fil
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -24,6 +25,19 @@ class PackedLinear(nn.Module):
     output)."""
 
     ROWS = 1024  # the input rows oneDNN tunes the layout for (a 448x448 image); as fast at 290 and 4096 rows
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1)
+    def runs() -> bool:
+        """Whether this torch's oneDNN prepacks and multiplies bf16 here: it refuses CPUs without AVX512-BF16-grade
+        support ("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")."""
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return False
+        try:
+            PackedLinear(nn.Linear(32, 16).bfloat16())(torch.ones(2, 32, dtype=torch.bfloat16))
+        except RuntimeError:
+            return False
+        return True
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

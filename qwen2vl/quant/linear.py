@@ -112,13 +112,15 @@ class QuantLinear(nn.Module):
         if kernel == "q4x16" and kernels is not None and on_cpu and q4x16_fits(self.group_size, self.out_features,
                                                                               scales):
             self._to_q4x16(q, scales, zeros, perm)
-        elif kernel == "int4_cpu" and on_cpu and int4_cpu_fits(self.in_features, self.out_features, self.group_size):
+        elif kernel == "int4_cpu" and on_cpu and int4_cpu_fits(self.in_features, self.out_features, self.group_size) \
+                and int4pack_layout() is not None and self.out_features % int4pack_layout()[0] == 0:
+            # (only whole packing blocks: the prefill path dequantizes from them, as exactly as float32)
             self._to_int4_cpu(q, scales, zeros, perm)
         native_many = {torch.int8: self._q4x16_int8, torch.int16: self._q4x16_int16}
         self.few, self.many = {"q4x16": (self.bulk_matmul if float32 else self._q4x16,
                                          native_many.get(self.bulk_dtype, self.bulk_matmul)),
                                "reference": (self._reference,) * 2,
-                               "int4_cpu": (self._int4_cpu, self.bulk_matmul if self.exact else self._int4_cpu)
+                               "int4_cpu": (self._int4_cpu, self.bulk_matmul)
                                }[self.kernel]
 
     def _to_q4x16(self, q, scales, zeros, perm) -> None:
@@ -142,13 +144,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", perm if ordered else None)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
         self.register_buffer("scale_zero", torch.stack([scales, (8 - zeros) * scales], -1).to(torch.bfloat16))
-        # For large inputs (prefill) the exact path dequantizes from `packed` itself, so no second copy is kept.
-        self.exact = int4pack_layout() is not None and self.out_features % int4pack_layout()[0] == 0
-        if self.exact:  # as compact as the file: fp16 scales (exact), integer zero points
-            exact_fp16 = torch.equal(scales.half().float(), scales)
-            self.register_buffer("scales", scales.half() if exact_fp16 else scales.float())
-            self.register_buffer("zeros", zeros.to(torch.uint8))
-        for name in ("qweight", "qzeros", "g_idx") + (() if self.exact else ("scales",)):
+        # For large inputs (prefill) the exact path dequantizes from `packed` itself (whole packing blocks), so no
+        # second copy is kept: as compact as the file, fp16 scales (exact) and integer zero points.
+        exact_fp16 = torch.equal(scales.half().float(), scales)
+        self.register_buffer("scales", scales.half() if exact_fp16 else scales.float())
+        self.register_buffer("zeros", zeros.to(torch.uint8))
+        self.exact = True
+        for name in ("qweight", "qzeros", "g_idx"):
             if hasattr(self, name):
                 delattr(self, name)  # the checkpoint form is no longer needed
         self.kernel = "int4_cpu"
