@@ -94,6 +94,14 @@ def save_hub_style(model, config: dict, path: Path, shards: int = 1) -> Path:
     return path
 
 
+def hub_state(model, config: dict) -> dict:
+    """The model's tensors under the hub's names, as save_hub_style writes them (no LM head when it is tied)."""
+    state = {_legacy(k): v.contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    return state
+
+
 def _legacy(name: str) -> str:
     """transformers 5.x runtime names -> the hub's names (spec 2.1)."""
     if name.startswith("model.language_model."):
