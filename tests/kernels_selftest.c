@@ -125,6 +125,10 @@ int main(void) {
     const int64_t tst[12] = {0, TH * AD, AD, 0, AD, TS * AD, 0, AD, TS * AD, 0, TH * AD, AD};
     attention(tq, tk, tv, to, tst, 1, TL, TS, TH, TG, AD, 1, 0, 0, 1, 0.17677669f, 2);
     show("attention_causal", to, TL * TH * AD);
+    /* its inputs, for a float64 reference in the test */
+    show("attention_causal_q", tq, TL * TH * AD);
+    show("attention_causal_k", tk, TG * TS * AD);
+    show("attention_causal_v", tv, TG * TS * AD);
     printf("isa %s\n", kernels_isa());
     return 0;
 }

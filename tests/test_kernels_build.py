@@ -14,10 +14,15 @@ from qwen2vl import kernels
 from qwen2vl.quant.formats import q4x16_pack
 
 SELFTEST = Path(__file__).with_name("kernels_selftest.c")
-EXACT = {"dequant_f32", "rotary", "act_quant_i8", "act_quant_i8_scales"}  # the same float32 operations in the same order in every variant
+# The same float32 operations in the same order in every variant; the causal attention's inputs.
+EXACT = {"dequant_f32", "rotary", "act_quant_i8", "act_quant_i8_scales",
+         "attention_causal_q", "attention_causal_k", "attention_causal_v"}
 # Of each section's largest value: decode matmuls and the layer sum in other orders; exp with or without FMA.
 TOL = {"q4x16_gemm_i8": 1e-5, "q4x16_gemm_i16": 1e-5, "q4x16_gemm_i16_glu": 1e-5, "rms_norm": 1e-6, "act_quant_i8_glu": 1e-6, "q4x16_m1": 1e-5, "q4x16_m3": 1e-5, "q8x16_m3": 1e-5, "quick_gelu": 1e-6, "silu_mul_bf16": 2**-8,
-       "decode_layer": 1e-4, "decode_layer_m2": 1e-4, "vit_attention_bf16": 2**-7, "attention_causal": 2**-7}  # bf16 outputs: a step where sums land near a tie
+       "decode_layer": 1e-4, "decode_layer_m2": 1e-4,
+       "vit_attention_bf16": 2**-7,  # bf16 outputs: a step where sums land near a tie
+       "attention_causal": 1e-5}  # float32 throughout (the text model's): sums and exp in other orders, measured 3e-7
+CAUSAL = dict(L=67, S=70, H=4, Hkv=2, D=32, scale=0.17677669)  # kernels_selftest.c's float32 causal attention
 
 
 def build_selftest(cc: str, level: str, out: Path, extra: tuple[str, ...] = ()) -> Path:
@@ -49,6 +54,20 @@ def assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], wha
         assert diff <= TOL[name], f"{what}: {name} differs by {diff:.2e} of its scale (tolerance {TOL[name]:.0e})"
 
 
+def assert_causal_attention_exact(out: dict[str, torch.Tensor], what: str) -> None:
+    """The float32 causal attention against softmax(q k^T scale) v in float64 from its own inputs: within 1e-5 of the
+    output's scale (float32 sums of 70 keys), whichever ISA computed it. Query row i sees keys 0 .. S - L + i."""
+    L, S, H, Hkv, D = (CAUSAL[k] for k in ("L", "S", "H", "Hkv", "D"))
+    q = out["attention_causal_q"].view(L, H, D).transpose(0, 1)  # (H, L, D)
+    k, v = (out[f"attention_causal_{n}"].view(Hkv, S, D).repeat_interleave(H // Hkv, 0) for n in "kv")  # (H, S, D)
+    scores = q @ k.transpose(1, 2) * CAUSAL["scale"]  # (H, L, S)
+    seen = torch.arange(S)[None, :] <= torch.arange(L)[:, None] + S - L
+    ref = (scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v).transpose(0, 1).reshape(-1)  # (L, H, D)
+    got = out["attention_causal"]
+    diff = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert diff <= TOL["attention_causal"], f"{what}: float32 causal attention off float64's by {diff:.2e} of its scale"
+
+
 @pytest.fixture(scope="module")
 def generic_here(tmp_path_factory) -> dict[str, torch.Tensor]:
     if kernels.compiler() is None:
@@ -56,6 +75,7 @@ def generic_here(tmp_path_factory) -> dict[str, torch.Tensor]:
     exe = build_selftest(kernels.compiler(), "generic", tmp_path_factory.mktemp("st") / "generic")
     isa, out = run_selftest([str(exe)])
     assert isa == "generic"
+    assert_causal_attention_exact(out, "generic")
     return out
 
 
@@ -70,6 +90,7 @@ def test_selftest_variants_agree(level, cc, generic_here, tmp_path):
     isa, out = run_selftest([str(build_selftest(cc, level, tmp_path / level))])
     assert isa == level
     assert_close(out, generic_here, f"{level} ({cc})")
+    assert_causal_attention_exact(out, f"{level} ({cc})")
 
 
 @pytest.mark.skipif(shutil.which("clang") is None, reason="clang is not installed (.ci/run installs it)")
@@ -109,6 +130,7 @@ def test_arm64_neon_selftest_under_qemu(generic_here, tmp_path):
         exe = build_selftest("aarch64-linux-gnu-gcc", level, tmp_path / name.replace("+", "_"), ("-static", *extra))
         isa, results[name] = run_selftest(["qemu-aarch64", str(exe)])
         assert isa == level
+        assert_causal_attention_exact(results[name], f"{name} under qemu")
     assert_close(results["neon"], results["generic"], "neon vs generic under qemu")
     assert_close(results["neon+dotprod"], results["generic"], "neon with dotprod vs generic under qemu")
     assert_close(results["generic"], generic_here, "arm64 generic vs this machine's generic")
