@@ -17,7 +17,7 @@ have() { if [[ $1 == /* ]]; then compgen -G "$1" >/dev/null; else command -v "$1
 missing=()
 for i in "${!tools[@]}"; do have "${tools[$i]}" || missing+=("$i"); done
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  want=$(for i in "${missing[@]}"; do echo "${packages[$i]}"; done | tr '\n' ' ')
+  want=$(for i in "${missing[@]}"; do echo "${packages[$i]}"; done | xargs)
   echo "scripts/test.sh: installing $want" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $want; } >/tmp/qwen2vl-apt.log 2>&1 \
     || { tail -20 /tmp/qwen2vl-apt.log >&2; [ -z "$ci" ] || { echo "scripts/test.sh: apt-get install $want failed" >&2; exit 1; }; }
