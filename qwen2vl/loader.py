@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from .config import Qwen2VLConfig
-from .cpu import Plan, ScanHead, decide, swap_after_load
+from .cpu import Plan, ScanHead, convert, decide, swap_after_load
 from .cpu.threads import release_workers
 from .cpu.vision import stream as stream_vision
 from .errors import CheckpointError
 from .memory import return_freed_memory, trim
 from .model import Qwen2VLModel
 from .processor import Processor
-from .quant import QuantConfig, UpcastLinear, fuse, prepare, swap_quantized, swap_upcast
+from .quant import QuantConfig, UpcastLinear, swap_quantized, swap_upcast
 from .weights import RowReader, load_weights, resolve_checkpoint, tensor_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -26,11 +26,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # On CPU, images that set no size are capped at 512 visual tokens (~640x640; the checkpoint allows 16384, which
 # takes minutes on a CPU). A notice names each image it downscales; max_pixels (per item or call) overrides it.
 CPU_IMAGE_BUDGET = 512 * 28 * 28
-
-# The plan's decode path -> the kernel each quantized linear converts its weights for.
-_LINEAR_KERNEL = {"native-layer": "q4x16", "q4x16": "q4x16", "float32": "q4x16-float32", "torch-int4": "int4_cpu",
-                  "reference": "reference"}
-
+# Likewise videos that set no size (frames or pixels) are capped at 8192 visual tokens on CPU (a 20-minute video
+# would take ~115k by qwen-vl-utils' defaults: hours of vision tower): fewer frames, smaller ones.
+CPU_VIDEO_BUDGET = 8192
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """None: float32 on CPU (the plan then picks faster matmul dtypes where it measures them), bfloat16 elsewhere."""
@@ -59,8 +57,7 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
     with torch.device("meta"):  # nothing is allocated until the weights are loaded
         module = Qwen2VLModel(cfg).to(compute)
         if cfg.quantization:
-            swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute,
-                           bulk_dtype=plan.prefill_dtype)
+            swap_quantized(module, QuantConfig.from_dict(cfg.quantization), tensor_names(ckpt), compute)
         if cpu16:
             if plan.vision_dtype == compute:
                 swap_upcast(module.visual, stored, compute)
@@ -71,7 +68,7 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
                                       plan.kernels) if plan.head == "scan-int8" else \
                 UpcastLinear(cfg.text.hidden_size, cfg.text.vocab_size, False, stored, compute)
     tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.text.tie_word_embeddings else None
-    kernel, kernels = _LINEAR_KERNEL[plan.decode], plan.kernels
+    kernels = plan.kernels
     # The streamed vision blocks' weights stay in the file (cpu/vision.py StreamedLinear): never loaded.
     skip = stream_vision(module.visual, ckpt, plan.vision_streamed, plan.vision_dtype) if plan.vision_streamed else ()
     if isinstance(module.lm_head, ScanHead):
@@ -87,12 +84,13 @@ def load(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None, dev
         module.lm_head.use_rows(head_rows)
         module.model.embed_tokens.use_rows(embed_rows)
         skip, tied = skip + ("lm_head.weight", "model.embed_tokens.weight"), None
-    load_weights(module, ckpt, device=device, tied=tied, progress=progress, skip=skip,  # each quantized layer
-                 on_module_loaded=lambda m: prepare(m, kernel, kernels))  # converts as soon as it is loaded
-    fuse(module)
+    load_weights(module, ckpt, device=device, tied=tied, progress=progress, skip=skip,  # each quantized layer is
+                 on_module_loaded=lambda name, m: convert(m, plan))  # converted as soon as it is loaded
     swap_after_load(module, plan)
     trim()
     release_workers()  # whichever thread generates next should own the only OpenMP pool (cpu/threads.py)
-    budget = CPU_IMAGE_BUDGET if device.type == "cpu" else None
-    processor = Processor.from_pretrained(ckpt, image_budget=budget) if (ckpt / "tokenizer.json").exists() else None
+    cpu = device.type == "cpu"
+    processor = Processor.from_pretrained(ckpt, image_budget=CPU_IMAGE_BUDGET if cpu else None,
+                                          video_budget=CPU_VIDEO_BUDGET if cpu else None) \
+        if (ckpt / "tokenizer.json").exists() else None
     return module.eval(), processor, ckpt, plan

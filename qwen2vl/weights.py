@@ -1,6 +1,6 @@
 """Finding a checkpoint (local directory or hub id) and loading its safetensors strictly into a model.
 
-Tensor names are the checkpoints' own (spec 2.1). transformers 5.x runtime names (`model.language_model.*`,
+Tensor names are the checkpoints' own. transformers 5.x runtime names (`model.language_model.*`,
 `model.visual.*`) are mapped back to them. Loading is strict: a missing, unexpected or mis-shaped tensor is a
 CheckpointError that names it.
 """
@@ -44,7 +44,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         return path
     name = str(path_or_id)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name!r} is not a checkpoint directory (and not a hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
+        raise CheckpointError(f"{name!r} is not a checkpoint directory (and not a hub id like "
+                              "'Qwen/Qwen2-VL-2B-Instruct')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -56,8 +57,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"could not download {name!r} from the Hugging Face hub and it is not in the local cache "
             f"({type(e).__name__}: {e}). If this machine is offline, download it elsewhere with "
-            f"`hf download {name}` (huggingface_hub's CLI) and copy the cache (~/.cache/huggingface/hub, or $HF_HOME), or pass "
-            f"the path of a local checkpoint directory instead. If you are online, check your network and HF_TOKEN."
+            f"`hf download {name}` (huggingface_hub's CLI) and copy the cache (~/.cache/huggingface/hub, or "
+            f"$HF_HOME), or pass the path of a local checkpoint directory instead. If you are online, check your "
+            "network and HF_TOKEN."
         ) from None
 
 
@@ -138,7 +140,8 @@ class RowReader:
         data_start, tensors = header
         meta = tensors[key]
         if meta["dtype"] not in cls._DTYPES or len(meta["shape"]) != 2:
-            raise CheckpointError(f"{name} in {f.name}: expected a 2-D float tensor, got {meta['dtype']} {meta['shape']}")
+            raise CheckpointError(f"{name} in {f.name}: expected a 2-D float tensor, got {meta['dtype']} "
+                                  f"{meta['shape']}")
         return cls(f, data_start + meta["data_offsets"][0], tuple(meta["shape"]), cls._DTYPES[meta["dtype"]], gather)
 
     def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
@@ -188,7 +191,7 @@ def tensor_names(ckpt: Path) -> set[str]:
 
 def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
                  tied: tuple[str, str] | None = None, progress: bool = False,
-                 on_module_loaded: Callable[[nn.Module], None] | None = None,
+                 on_module_loaded: Callable[[str, nn.Module], nn.Module] | None = None,
                  chunk_bytes: int = 64 * 1024 * 1024, skip: tuple[str, ...] = ()) -> None:
     """Fill every parameter and buffer of `model` (built on the meta device) from the checkpoint, strictly.
 
@@ -196,8 +199,8 @@ def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
     `skip`: tensors of the file that are not loaded (their modules read them on demand, weights.RowReader).
     Each tensor is converted to the dtype of the parameter it fills (so swapped-in layers choose their storage).
     Tensors are read in chunks of about `chunk_bytes`, each from a fresh mapping of the file, so the memory-mapped
-    pages do not all stay resident; `on_module_loaded(module)` runs as soon as a module's tensors are all in (a
-    quantized layer converts itself there, one layer at a time).
+    pages do not all stay resident; `on_module_loaded(name, module)` runs as soon as a module's tensors are all in,
+    and the module it returns takes that one's place (a quantized layer is converted there, one layer at a time).
     """
     expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
     if tied:
@@ -245,8 +248,10 @@ def load_weights(model: nn.Module, ckpt: Path, *, device: torch.device | str,
             for name in state:
                 mod = owner[name]
                 left[mod] -= 1
-                if left[mod] == 0 and on_module_loaded is not None:
-                    on_module_loaded(model.get_submodule(mod) if mod else model)
+                if left[mod] == 0 and on_module_loaded is not None and mod:
+                    parent, _, child = mod.rpartition(".")
+                    owner_module = model.get_submodule(parent) if parent else model
+                    setattr(owner_module, child, on_module_loaded(mod, model.get_submodule(mod)))
     bar.close()
     if tied:
         model.get_submodule(tied[0].rpartition(".")[0]).weight = model.get_parameter(tied[1])

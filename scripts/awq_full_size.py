@@ -31,9 +31,10 @@ def watch():
 threading.Thread(target=watch, daemon=True).start()
 t0 = time.time()
 from qwen2vl import Qwen2VL
+from qwen2vl.cpu import Int4Linear
 from qwen2vl.quant import QuantLinear
 model = Qwen2VL.from_pretrained(sys.argv[1], progress=False)
-kernels = {m.kernel for m in model.model.modules() if isinstance(m, QuantLinear)}
+kernels = {m.kernel for m in model.model.modules() if isinstance(m, (QuantLinear, Int4Linear))}
 t_load = time.time() - t0
 conv = [{"role": "user", "content": [{"type": "image", "image": sys.argv[2], "resized_height": 448,
          "resized_width": 448}, {"type": "text", "text": "Describe this image."}]}]

@@ -1,6 +1,7 @@
 """The CPU fast paths: the LM head's int8 scan with exact refinement (its greedy choice must be the exact one), the
 native kernels at every ISA level this CPU runs (int8 scan, prefill dequantization, the int4 x int8 prefill matmul
-and its activation quantization, vision and MLP elementwise kernels) against the reference, oneDNN-prepacked linears, and the default CPU image budget."""
+and its activation quantization, vision and MLP elementwise kernels) against the reference, oneDNN-prepacked
+linears, and the default CPU image budget."""
 
 import logging
 

@@ -69,7 +69,8 @@ def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
 
 def test_every_candidate_is_timed(cfg):
     """The real measurement (on the model's shapes) times every candidate the plan weighs, where this machine has it:
-    float32 and bf16 vision linears and their prepacked form, the prefill paths (int8, int16 with native kernels), SDPA and
+    float32 and bf16 vision linears and their prepacked form, the prefill paths (int8, int16 with native kernels), SDPA
+    and
     the native attention for the vision tower and for a text prompt, and the decode kernels."""
     t = plan_module._time_candidates(cfg, kernels.isa() if kernels.load() is not None else None)
     want = {"vision_float32", "vision_bf16", "prefill_float32", "prefill_bf16", "attention_sdpa", "text_attention_sdpa"}

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen2vl import CheckpointError, Qwen2VL, kernels
-from qwen2vl.cpu import NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
+from qwen2vl.cpu import Int4Linear, NativeDecoderLayer, PackedLinear, PrefillMLP, ScanHead
+from qwen2vl.cpu.linear import concat, convert, int4pack_layout
 from qwen2vl.cpu import plan as plan_module
 from qwen2vl.cpu.vision import StreamedLinear
 from qwen2vl.datatypes import ModelInputs
 from qwen2vl.quant import QuantLinear
-from qwen2vl.quant.linear import int4pack_layout
 from qwen2vl.quant.formats import (AWQ_ORDER, awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack,
                                    pack_columns, quantize_rtn, unpack_columns)
 from tests import quant_oracle
@@ -29,7 +29,7 @@ from tests.oracle import build_inputs, hf_logits, tiny_checkpoint
 
 def test_awq_nibble_order_by_hand():
     """One packed int32 whose nibbles, from bit 0 up, are 1..8 (0x87654321). AutoAWQ's order [0,2,4,6,1,3,5,7]
-    puts nibble i in logical column order[i], so the columns read 1,5,2,6,3,7,4,8 (spec 2.2)."""
+    puts nibble i in logical column order[i], so the columns read 1,5,2,6,3,7,4,8."""
     packed = torch.tensor([[0x87654321 - 2**32]], dtype=torch.int32)
     assert unpack_columns(packed, 4, AWQ_ORDER).tolist() == [[1, 5, 2, 6, 3, 7, 4, 8]]
     assert pack_columns(torch.tensor([[1, 5, 2, 6, 3, 7, 4, 8]]), 4, AWQ_ORDER).tolist() == packed.tolist()
@@ -138,7 +138,6 @@ def test_rtn_quantization_error_is_bounded(seed):
 def make_layer(fmt, bits, K, N, act_order=False, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     group = 128
-    G = K // group
     w = torch.randn(N, K, generator=g) * 0.05
     q, scales, zeros = quantize_rtn(w, bits, group)
     layer = QuantLinear(K, N, bias, fmt, bits, group)
@@ -163,9 +162,14 @@ LAYERS = [("awq", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("gptq", 8, 
 BACKENDS = ["q4x16-avx512", "q4x16-avx2", "q4x16-neon", "q4x16-generic", "int4_cpu", "int4_cpu-torch"]
 
 
+def quantized_layers(model) -> list:
+    """The model's quantized linears: QuantLinear (the reference) and the CPU plan's layers (cpu.linear)."""
+    return [m for m in model.modules() if isinstance(m, (QuantLinear, Int4Linear))]
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    """(kernel, kernels) for QuantLinear.prepare."""
+    """(kernel, kernels) for cpu.linear.convert."""
     kernel, _, level = request.param.partition("-")
     if kernel == "q4x16" and level not in kernels.cpu_levels():
         pytest.skip(f"this CPU cannot run the {level} kernels")
@@ -182,7 +186,7 @@ def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch, backend):
     """The chosen kernel against dequantize-then-matmul in float32.
 
     Tolerances (relative, in norm): for up to 16 rows (decode) torch's int4 CPU kernel runs on bf16 activations and
-    returns bf16 (cpu-notes: its fp32 path is ~30x slower), 2^-9 rounding in and out: <= 1e-2. The native q4x16
+    returns bf16 (its fp32 path is ~30x slower), 2^-9 rounding in and out: <= 1e-2. The native q4x16
     kernels round activations to int16 per 128 inputs (2^-16 of the block's largest value): <= 1e-4. Larger inputs
     (prefill, batch 64 here) dequantize and compute in float32, as does the reference kernel (8-bit, or where the
     int4 kernels do not apply: N = 136 for both, and for torch's int4 kernel an N its packing block does not divide,
@@ -191,7 +195,7 @@ def test_kernel_matches_reference(fmt, bits, act_order, K, N, batch, backend):
     layer = make_layer(fmt, bits, K, N, act_order)
     x = torch.randn(batch, K, generator=torch.Generator().manual_seed(1))
     ref = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
-    layer.prepare(kernel, native)
+    layer = convert(layer, kernel, native, torch.float32)
     fits = N % (16 if kernel == "q4x16" else int4pack_layout()[0]) == 0
     assert layer.kernel == (kernel if bits == 4 and fits else "reference")
     y = layer(x)
@@ -215,11 +219,9 @@ def test_16_or_8_bit_prefill_and_fused_projections(batch, bulk, backend):
     parts = [make_layer("awq", 4, 256, n, seed=i) for i, n in enumerate((128, 64, 64))]
     x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(2))
     refs = [torch.nn.functional.linear(x, p.dequantize(), p.bias) for p in parts]
-    for p in parts:
-        p.bulk_dtype = bulk
-        p.prepare(kernel, native)
+    parts = [convert(p, kernel, native, bulk) for p in parts]
     separate = [p(x) for p in parts]
-    fused = QuantLinear.concat(parts)
+    fused = concat(parts)
     assert fused is not None and all(p.kernel == "fused" for p in parts)
     together = fused(x).split([128, 64, 64], dim=-1)
     for a, b, ref in zip(separate, together, refs):
@@ -273,7 +275,7 @@ def awq_model(request, tmp_path_factory):
         fast = Qwen2VL.from_pretrained(root / "awq", progress=False)
     kernel = "q4x16" if bits == 4 and ours.plan.isa else "reference"  # fast=False: never bf16 activations
     assert ours.plan.decode == ("float32" if ours.plan.isa else "reference")
-    layers = [m for m in ours.model.modules() if isinstance(m, QuantLinear)]
+    layers = quantized_layers(ours.model)
     assert {m.kernel for m in layers} == ({kernel, "fused"} if kernel == "q4x16" else {kernel})
     # act-order: the down projections (K = 256, two groups of 128 scattered over K) keep their input permutation;
     # the others have one group, so nothing to permute, and fuse
@@ -329,7 +331,7 @@ def prefill_model(root, dtype: torch.dtype) -> Qwen2VL:
                                                             "vision_bf16": float("inf")})
         mp.setenv("QWEN2VL_PREFILL", name)
         model = Qwen2VL.from_pretrained(root / "awq", progress=False)
-    q4x16 = any(isinstance(m, QuantLinear) and m.kernel == "q4x16" for m in model.model.modules())
+    q4x16 = any(m.kernel == "q4x16" for m in quantized_layers(model.model))
     if model.plan.isa is not None and not q4x16:  # 8-bit: no layer the int8/int16 kernels take, float32 instead
         assert model.plan.prefill_dtype in (dtype, torch.float32)
     elif model.plan.prefill_dtype != dtype:
@@ -362,11 +364,11 @@ def test_awq_model_matches_dense_transformers(awq_model, case, mode, request):
     Logits over the prompt: with fast=False a prefill of more than 16 tokens dequantizes each layer's weights and
     computes in float32, so they match to 1e-4, as dense parity does. The fast default on a CPU with bf16 matrix
     instructions runs prefill and vision matmuls in bf16: max difference <= 8% of the logit scale (elsewhere it is
-    the float32 path again). QWEN2VL_PREFILL=int8 rounds the prefill matmuls' activations to int8: <= 12%; int16 (the decode kernel's
-    rounding, at any number of rows), with a float32 vision tower: <= 0.1%. Decode steps use the int4 kernels (int16
-    or bf16 activations; the kernel test bounds them per layer) and, fast, the head's int8 scan whose greedy choice
-    is proven exact: the 16 greedy tokens must agree. With fast=False (float32 throughout) they may part only at a
-    step whose top-2 logits (transformers') lie within 1e-4, and such near ties are counted and bounded
+    the float32 path again). QWEN2VL_PREFILL=int8 rounds the prefill matmuls' activations to int8: <= 12%; int16 (the
+    decode kernel's rounding, at any number of rows), with a float32 vision tower: <= 0.1%. Decode steps use the int4
+    kernels (int16 or bf16 activations; the kernel test bounds them per layer) and, fast, the head's int8 scan whose
+    greedy choice is proven exact: the 16 greedy tokens must agree. With fast=False (float32 throughout) they may
+    part only at a step whose top-2 logits (transformers') lie within 1e-4, and such near ties are counted and bounded
     (EXACT_NEAR_TIES); int16 activations may part them within 0.2% of the logit scale, bf16 and int8 rounding within
     3%. After a parting the contexts differ, so the comparison stops there (tie-aware, as vLLM's
     check_logprobs_close)."""
@@ -428,7 +430,7 @@ def test_exact_mode_matches_dense_at_decode_sizes(awq_model):
     exact, _, hf, config, _ = awq_model
     inputs = build_inputs([[("text", 10)]], config["vocab_size"], seed=11)
     assert inputs["input_ids"].shape[1] <= 16
-    assert not any(m.kernel == "int4_cpu" for m in exact.model.modules() if isinstance(m, QuantLinear))
+    assert not any(m.kernel == "int4_cpu" for m in quantized_layers(exact.model))
     ref = hf_logits(hf, inputs)
     got = exact.logits({k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
     diff = (got - ref).abs().max().item()
@@ -509,7 +511,7 @@ def test_prefill_mlp_equals_the_model_mlp(awq_model, prefill, request):
     for layer in layers:
         mlp = layer.mlp.mlp if isinstance(layer.mlp, PrefillMLP) else layer.mlp
         fused = getattr(mlp.gate_proj, "fused", None)
-        expected = fused is not None and fused.kernel == "q4x16" and fused.bulk_dtype == fast.plan.prefill_dtype \
+        expected = fused is not None and fused.kernel == "q4x16" and fused.bulk == fast.plan.prefill_dtype \
             and mlp.down_proj.perm is None  # act-order: the down projection keeps its input permutation
         assert isinstance(layer.mlp, PrefillMLP) == expected
     if not isinstance(layers[0].mlp, PrefillMLP):
@@ -549,7 +551,7 @@ def test_native_decode_equals_the_model_layers(awq_model):
     ~2e-5 relative (2B shape; often 0 with one key); over 12 steps of the tiny model, measured 1.3e-4."""
     _, fast, _, config, _ = awq_model
     text = fast.model.model
-    quantized = [m for m in fast.model.modules() if isinstance(m, QuantLinear)]
+    quantized = quantized_layers(fast.model)
     expected = fast.plan.decode == "native-layer" and {m.kernel for m in quantized} == {"q4x16", "fused"} and \
         all(m.perm is None for m in quantized)  # act-order: permuted inputs stay with the model's layers
     assert all(isinstance(layer, NativeDecoderLayer) == expected for layer in text.layers)
@@ -610,7 +612,7 @@ def test_native_decode_batches_equal_the_model_layers(awq_model):
 
 
 def test_int4pack_unpack_recovers_levels():
-    from qwen2vl.quant.linear import int4pack_layout, unpack_int4pack
+    from qwen2vl.cpu.linear import unpack_int4pack
 
     assert int4pack_layout() is not None, "torch's int4 CPU packing has an unknown layout on this machine"
     B = int4pack_layout()[0]

@@ -10,10 +10,9 @@ import torch
 
 from qwen2vl import Qwen2VL, kernels
 from qwen2vl.cpu import plan as plan_module
-from qwen2vl.quant import QuantLinear
 from tests import quant_oracle
 from tests.oracle import build_inputs, flat_config, hf_logits, hf_model, hub_state
-from tests.test_quant import EXACT_NEAR_TIES, EXACT_TIE, FAST_LOGITS_TOL, greedy_agreement, hf_greedy
+from tests.test_quant import EXACT_NEAR_TIES, quantized_layers, EXACT_TIE, FAST_LOGITS_TOL, greedy_agreement, hf_greedy
 
 # (hidden, intermediate, group, heads, kv heads); head_dim = hidden / heads
 SHAPES = {
@@ -108,8 +107,8 @@ def check(model: Qwen2VL, inputs: dict, reference: dict, fast: bool) -> None:
         return
     plan = model.plan
     tol = FAST_LOGITS_TOL.get(plan.prefill_dtype)  # None: float32 prefill matmuls
-    paths = sorted({(m.kernel, m.out_features, m.exact) for m in model.model.modules()
-                    if isinstance(m, QuantLinear) and m.kernel != "fused"})
+    paths = sorted({(m.kernel, m.out_features, getattr(m, "exact", True)) for m in quantized_layers(model.model)
+                    if m.kernel != "fused"})
     assert diff <= (tol * scale if tol else 1e-4), f"max |logit diff| {diff:.2e} of scale {scale:.2f} with prefill " \
         f"matmuls {plan.prefill_dtype} and decode {plan.decode}; quantized layers (kernel, N, exact): {paths}"
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .. import kernels
 from ..config import Qwen2VLConfig
 from ..quant import QuantConfig
 from ..quant.formats import q4x16_pack
-from ..quant.linear import int4_cpu_fits
+from .linear import int4_cpu_groups
 from .vision import PackedLinear
 
 _SHORT = {torch.float32: "float32", torch.bfloat16: "bf16"}
@@ -32,21 +32,24 @@ _PREFILL_NAMES = {torch.int8: "int8 activations per 32 inputs x int4 weights",
 
 @dataclass(frozen=True)
 class Plan:
+    """Which path each part of the model takes; the defaults are torch's own ops, float32-exact."""
     device: str
     fast: bool  # the measured fast paths (False: every matmul in float32, every op exact to float32 rounding)
     isa: str | None  # the native kernels' level; None: torch ops only
     vision_dtype: torch.dtype  # the vision tower's compute dtype
-    vision_linear: str  # "packed" (oneDNN-prepacked bf16 weights) | "torch"
-    vision_kernels: bool  # native rotary and quick_gelu in the vision tower
-    vision_attention: str  # "native" (kernels.c bf16 flash attention) | "torch" (SDPA)
     # Quantized matmuls over many rows: weights dequantized to float32 or bfloat16, or the native int4 kernels on
     # activations rounded to int8 per 32 inputs or to int16 per 128 (the decode kernel's arithmetic).
     prefill_dtype: torch.dtype
-    decode: str  # quantized matmuls over few rows: "native-layer" | "q4x16" | "torch-int4" | "float32" | "reference"
-    head: str  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
-    text_kernels: bool  # native RMSNorm (sums in another order than torch's) and rotary in the text decoder
-    text_attention: str  # a prompt's causal attention: "native" (kernels.c, float32) | "torch" (SDPA)
+    vision_linear: str = "torch"  # "packed" (oneDNN-prepacked bf16 weights) | "torch"
+    vision_kernels: bool = False  # native rotary and quick_gelu in the vision tower
+    vision_attention: str = "torch"  # "native" (kernels.c bf16 flash attention) | "torch" (SDPA)
+    decode: str = "reference"  # quantized matmuls of few rows: "native-layer" | "torch-int4" | "float32" | "reference"
+    head: str = "exact"  # LM head of a 16-bit table: "scan-int8" (int8 scan, exact refinement) | "exact"
+    # native RMSNorm (sums in another order than torch's), rotary and attention over the KV pool in the text decoder
+    text_kernels: bool = False
+    text_attention: str = "torch"  # a whole prompt's causal attention (no KV pool): "native" (kernels.c) | "torch"
     vision_streamed: int = 0  # vision blocks whose linear weights are read from the checkpoint at every encode
+    kv_format: str = "float32"  # keys and values in the KV pool: "float32" | "float16" | "uint8" (kv.FORMATS)
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -61,11 +64,11 @@ class Plan:
                            + (", native rotary and quick_gelu" if self.vision_kernels else "")
                            + (f", {self.vision_streamed} blocks streamed from the checkpoint"
                               if self.vision_streamed else "")),
-                ("text", ("native RMSNorm and rotary" if self.text_kernels else "torch ops") +
-                 f", {self.text_attention} prompt attention"),
+                ("text", ("native RMSNorm, rotary and KV attention" if self.text_kernels else "torch ops") +
+                 f", {self.text_attention} whole-prompt attention"),
                 ("prefill matmuls", _PREFILL_NAMES.get(self.prefill_dtype, _DTYPE_NAMES[self.prefill_dtype])),
                 ("decode", self.decode),
-                ("LM head", self.head)]
+                ("LM head", self.head), ("KV storage", self.kv_format)]
         lines = [f"{k:>18}: {v}" for k, v in rows]
         lines += [f"{'why ' + k:>18}: {v}" for k, v in self.reasons.items()]
         return "\n".join(lines)
@@ -76,8 +79,8 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     """The plan for `cfg` on `device` with compute dtype `compute`. The fast paths are on unless `fast` is False,
     where they apply (`applies`: a quantized checkpoint with 16-bit storage computed in float32 on a CPU)."""
     if device.type != "cpu":
-        return Plan(str(device), False, None, compute, "torch", False, "torch", compute, "reference", "exact",
-                    False, "torch", reasons={"device": "not a CPU: torch's own kernels"})
+        return Plan(str(device), fast=False, isa=None, vision_dtype=compute, prefill_dtype=compute,
+                    reasons={"device": "not a CPU: torch's own kernels"})
     reasons = {}
     k = kernels.load()
     isa = k.isa if k is not None else None
@@ -87,8 +90,8 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     if fast is False or not applies:
         decode = "float32" if k is not None else "reference"  # dequantized to float32 at every size
         reasons["exact"] = "fast=False" if fast is False else "a dense checkpoint computes in its own dtype"
-        return Plan("cpu", False, isa, compute, "torch", k is not None and fast is not False, "torch", compute,
-                    decode, "exact", False, "torch", reasons=reasons)
+        return Plan("cpu", fast=False, isa=isa, vision_dtype=compute, prefill_dtype=compute,
+                    vision_kernels=k is not None and fast is not False, decode=decode, reasons=reasons)
     t = measure(cfg, isa)
     int4, reasons["quantized layers"] = _int4_kernels(cfg)
     if "q4x16" not in int4:  # the native int8 / int16 prefill matmuls run on the q4x16 layout only
@@ -111,20 +114,36 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     reasons["decode"] = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in decodes.items()) or \
         "no int4 kernel takes this checkpoint's layers: dequantized to float32"
     streamed, reasons["streaming"] = _vision_streamed(cfg)
-    return Plan("cpu", True, isa, torch.bfloat16 if bf16_vit else torch.float32, "packed" if packed else "torch",
-                k is not None, attention, prefill, decode, "scan-int8", k is not None, text_attention, streamed,
-                reasons)
+    kv_format, reasons["kv"] = _kv_format()
+    return Plan("cpu", fast=True, isa=isa, vision_dtype=torch.bfloat16 if bf16_vit else torch.float32,
+                prefill_dtype=prefill, vision_linear="packed" if packed else "torch", vision_kernels=k is not None,
+                vision_attention=attention, decode=decode, head="scan-int8", text_kernels=k is not None,
+                text_attention=text_attention, vision_streamed=streamed, kv_format=kv_format, reasons=reasons)
+
+
+KV_FORMATS = ("float32", "float16", "uint8")
+
+
+def _kv_format() -> tuple[str, str]:
+    """The KV pool's storage with the fast paths, and why: float16 by default (BENCHMARKS.md measures its accuracy
+    and uint8's), QWEN2VL_KV=float32|float16|uint8 to choose."""
+    want = os.environ.get("QWEN2VL_KV", "").strip().lower()
+    if want and want not in KV_FORMATS:
+        raise ValueError(f"QWEN2VL_KV={want!r}: use one of {', '.join(KV_FORMATS)}")
+    if want:
+        return want, f"chosen by QWEN2VL_KV={want}"
+    return "float16", "16 bits: half float32's bytes per token, accurate with outlier channels (QWEN2VL_KV sets it)"
 
 
 def _int4_kernels(cfg: Qwen2VLConfig) -> tuple[set[str], str]:
     """The int4 kernels that can take this checkpoint's quantized layers, and why. A layer whose own shape does not
-    fit the kernel (QuantLinear.prepare checks each) computes from its dequantized weights instead."""
+    fit the kernel (cpu.linear.convert checks each) computes from its dequantized weights instead."""
     qc = QuantConfig.from_dict(cfg.quantization) if cfg.quantization else None
     if qc is None:
         return set(), "none"
     fmt = f"{qc.method} {qc.bits}-bit, groups of {qc.group_size}"
     out = {"q4x16"} if qc.bits == 4 and qc.group_size == 128 else set()
-    if qc.bits == 4 and int4_cpu_fits(qc.group_size, 16, qc.group_size):
+    if qc.bits == 4 and int4_cpu_groups(qc.group_size):
         out.add("torch-int4")
     if not out:
         return out, f"{fmt}: no int4 kernel applies (q4x16 needs 4-bit groups of 128, torch's int4 kernel 4-bit " \
@@ -174,8 +193,9 @@ def _prefill(t: dict[str, float], isa: str | None) -> tuple[torch.dtype, str]:
 
 
 def _cache_file(cfg: Qwen2VLConfig, isa: str | None) -> Path:
-    key = json.dumps([kernels.cpu_name(), sorted(kernels.cpu_flags()), kernels.source_hash(), Path(__file__).read_text(),
-                      torch.__version__, isa, torch.get_num_threads(), _shapes(cfg)])  # this file: what is timed
+    key = json.dumps([kernels.cpu_name(), sorted(kernels.cpu_flags()), kernels.source_hash(),
+                      Path(__file__).read_text(),  # this file: what is timed
+                      torch.__version__, isa, torch.get_num_threads(), _shapes(cfg)])
     return kernels.cache_root() / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -183,9 +203,10 @@ def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     v, t = cfg.vision, cfg.text
     # The int4 layouts' units (groups of 128 inputs, blocks of 16 outputs): a model whose sizes are not multiples
     # times its candidates on the nearest larger shape (its layers that do not fit compute otherwise, see
-    # QuantLinear.prepare).
+    # cpu.linear.convert).
     K, N = -(-t.hidden_size // 128) * 128, -(-t.intermediate_size // 16) * 16
-    return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, K, N), "decode": (1, K, N), "attention": (512, v.num_heads, v.head_dim),
+    return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, K, N), "decode": (1, K, N),
+            "attention": (512, v.num_heads, v.head_dim),
             "text_attention": (512, t.num_attention_heads, t.num_key_value_heads, t.head_dim)}
 
 
@@ -273,10 +294,3 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
         xb = x.bfloat16()
         out["decode_torch_int4"] = _best(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), 5)
     return out
-
-
-def as_dict(plan: Plan) -> dict:
-    d = asdict(plan)
-    for key in ("vision_dtype", "prefill_dtype"):
-        d[key] = _DTYPE_NAMES[d[key]]
-    return d

@@ -3,8 +3,8 @@
 libgomp (torch's OpenMP on Linux) lets idle workers spin only while it manages no more threads than there are CPUs.
 Each thread that runs a parallel region keeps a pool of its own, so one other pool (a request thread that decoded an
 image, the thread that loaded the model) puts every worker to sleep between parallel regions, and a decode step has
-a few hundred of them: measured on 2 cores, 25 -> 15-18 tokens/s. So threads that only prepare inputs run torch on
-one thread, and the thread that loaded the model frees its workers before the engine's thread starts.
+a few hundred of them: decoding then loses about a third of its speed on 2 cores. So threads that only prepare inputs
+run torch on one thread, and the thread that loaded the model frees its workers before the engine's thread starts.
 """
 
 from __future__ import annotations

@@ -54,8 +54,7 @@ class PackedLinear(nn.Module):
 class StreamedLinear(nn.Module):
     """A linear whose weight stays in the checkpoint: on every call it is read (pread, from the page cache) and
     converted to the compute dtype into a reused buffer, so it never counts in RSS. Same numbers as a loaded weight
-    (16-bit to float32 is exact; to bf16 rounds as the load would). Costs 12-18 ms per 2B vision block per encode
-    (BENCHMARKS.md)."""
+    (16-bit to float32 is exact; to bf16 rounds as the load would). What it costs per encode: BENCHMARKS.md."""
 
     CHUNK = 1 << 20  # values converted at a time through a float32 buffer (torch's direct fp16->bf16 is ~3x slower)
 

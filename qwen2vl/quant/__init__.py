@@ -1,7 +1,7 @@
 """Quantized checkpoints, as layer swaps. The checkpoint decides: before loading, every nn.Linear whose
-`{name}.qweight` is in the checkpoint is swapped for a QuantLinear of the config's format; after loading, each
-converts its tensors once for the kernel the load plan names. Nothing here knows the model's structure (linears that
-share an input are found through their parent's `fanouts`) or the CPU's capabilities."""
+`{name}.qweight` is in the checkpoint is swapped for a QuantLinear of the config's format (the checkpoint's tensors
+and a reference forward). Nothing here knows the model's structure or the CPU: the load plan's faster layers are in
+qwen2vl.cpu."""
 
 from __future__ import annotations
 
@@ -45,15 +45,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def swap_quantized(model: nn.Module, cfg: QuantConfig, tensor_names: set[str], dtype: torch.dtype,
-                   bulk_dtype: torch.dtype | None = None) -> int:
-    """Replace the linears the checkpoint stores quantized (biases in `dtype`; matmuls over many rows in
-    `bulk_dtype`, default `dtype`); returns how many."""
+def swap_quantized(model: nn.Module, cfg: QuantConfig, tensor_names: set[str], dtype: torch.dtype) -> int:
+    """Replace the linears the checkpoint stores quantized (biases in `dtype`); returns how many."""
     n = 0
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and f"{name}.qweight" in tensor_names:
             _replace(model, name, QuantLinear(m.in_features, m.out_features, m.bias is not None, cfg.method,
-                                              cfg.bits, cfg.group_size, cfg.zero_offset, dtype, bulk_dtype))
+                                              cfg.bits, cfg.group_size, cfg.zero_offset, dtype))
             n += 1
     return n
 
@@ -70,28 +68,4 @@ def swap_upcast(model: nn.Module, storage_dtype: torch.dtype, dtype: torch.dtype
                                                dtype))
 
 
-def prepare(model: nn.Module, kernel: str = "reference", kernels=None) -> None:
-    """After loading: every QuantLinear in `model` (or `model` itself) converts its weights for `kernel` (see
-    QuantLinear.prepare)."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and not m.prepared:
-            m.prepare(kernel, kernels)
-
-
-def fuse(model: nn.Module) -> int:
-    """Fuse quantized projections that share an input (a module's `fanouts`, e.g. q/k/v) into one matmul each:
-    fewer, larger kernel calls. Returns how many groups were fused."""
-    n = 0
-    for m in list(model.modules()):
-        for names in getattr(m, "fanouts", ()):
-            parts = [getattr(m, name) for name in names]
-            if all(isinstance(p, QuantLinear) for p in parts):
-                fused = QuantLinear.concat(parts)
-                if fused is not None:
-                    parts[0].fused = fused
-                    n += 1
-    return n
-
-
-__all__ = ["fuse", "QuantConfig", "QuantLinear", "UpcastLinear", "UpcastEmbedding", "swap_quantized", "swap_upcast",
-           "prepare"]
+__all__ = ["QuantConfig", "QuantLinear", "UpcastLinear", "UpcastEmbedding", "swap_quantized", "swap_upcast"]

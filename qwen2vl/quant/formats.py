@@ -1,4 +1,4 @@
-"""Checkpoint layouts of group-quantized weights (spec 2.2), as pure functions: pack, unpack, dequantize, quantize.
+"""Checkpoint layouts of group-quantized weights, as pure functions: pack, unpack, dequantize, quantize.
 
 Every format unpacks to one form: q uint8 (N, K) integer levels, scales (G, N), zeros (G, N) integer zero points,
 and g_idx (K,) the group of each input feature, so that W[n, k] = (q[n, k] - zeros[g_idx[k], n]) * scales[g_idx[k], n].
@@ -56,13 +56,11 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, kernels=None):
+def awq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+               levels: torch.Tensor | None = None):
     """AWQ GEMM tensors (qweight (K, N/8), qzeros (K/g, N/8), scales (K/g, N)) -> q (N, K), scales, zeros, g_idx.
-    With `kernels` (qwen2vl.kernels.Kernels) a CPU qweight is unpacked natively: the same levels, ~30x faster."""
-    if kernels is not None and qweight.device.type == "cpu":
-        q = kernels.awq_unpack_t(qweight, AWQ_ORDER)
-    else:
-        q = unpack_columns(qweight, 4, AWQ_ORDER).t().contiguous()
+    `levels`: q already unpacked from qweight (the CPU layers do it natively, ~30x faster)."""
+    q = unpack_columns(qweight, 4, AWQ_ORDER).t().contiguous() if levels is None else levels
     zeros = unpack_columns(qzeros, 4, AWQ_ORDER)
     K = q.shape[1]
     return q, scales.float(), zeros.float(), torch.arange(K, device=q.device) // group_size
