@@ -10,6 +10,7 @@ from .generate import ChatResult, Usage
 from .processor import Processor
 from .sampling import SamplingParams
 
-__all__ = ["Qwen2VL", "Processor", "MediaPolicy", "SamplingParams", "ChatResult", "Usage", "Qwen2VLConfig", "TextConfig", "VisionConfig", "ModelInputs",
-           "CheckpointError", "ConfigError", "InputError", "Qwen2VLError"]
+__all__ = ["Qwen2VL", "Processor", "MediaPolicy", "SamplingParams", "ChatResult", "Usage", "Qwen2VLConfig",
+           "TextConfig", "VisionConfig", "ModelInputs", "CheckpointError", "ConfigError", "InputError", "Qwen2VLError",
+           "grounding"]
 __version__ = "0.1.0"

@@ -13,11 +13,11 @@ from .config import Qwen2VLConfig
 from .cpu import Plan
 from .datatypes import ModelInputs
 from .errors import CheckpointError
-from .generate import ChatResult, Engine, Sequence, TextDelta, VisionCache, chat_result
+from .generate import ChatResult, Engine, EngineSettings, Sequence, TextDelta, VisionCache, chat_result
 from .grammar import Constraint, Grammars
 from .inputs.messages import VIDEO_OPTIONS, as_batch
 from .model import Qwen2VLModel
-from .prefix import PrefixCache
+from .kv import KVPool
 from .processor import Processor
 from .sampling import SamplingParams
 
@@ -25,17 +25,22 @@ class Qwen2VL:
     """A loaded Qwen2-VL model. `model` is the torch module; `config` the parsed config.json."""
 
     def __init__(self, model: Qwen2VLModel, processor: Processor | None = None, path: Path | None = None,
-                 plan: Plan | None = None):
+                 plan: Plan | None = None, engine: EngineSettings | None = None):
         self.model, self.plan = model, plan  # plan: the paths chosen at load (qwen2vl.cpu.Plan; `qwen2vl info`)
         self.config: Qwen2VLConfig = model.cfg
         self._processor = processor
         self.path = path
         self.defaults = SamplingParams.from_generation_config(path)  # the checkpoint's generation_config.json
         self.vision_cache = VisionCache()  # vision-encoder outputs by content, reused across calls
-        self.prefix_cache = PrefixCache()  # keys and values of prompt blocks (images included), across calls
-        self.engine = Engine(model, processor.tokenizer if processor is not None else None, self.vision_cache,
-                             self.prefix_cache)  # the one generator: this API, the CLI, the server, batch jobs
+        # The one generator (this API, the CLI, the server, batch jobs), with its KV pool in the plan's storage.
+        self.engine = Engine(model, processor.tokenizer if processor is not None else None, engine,
+                             plan.kv_format if plan is not None else "float32", self.vision_cache)
         self._grammars: Grammars | None = None
+
+    @property
+    def prefix_cache(self) -> KVPool:
+        """The engine's KV pool, which is also the prefix cache (blocks keyed by content, reused across calls)."""
+        return self.engine.pool
 
     @property
     def processor(self) -> Processor:
@@ -47,7 +52,7 @@ class Qwen2VL:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", *, fast: bool | None = None,
-                        progress: bool = True) -> "Qwen2VL":
+                        progress: bool = True, engine: EngineSettings | None = None) -> "Qwen2VL":
         """Load a checkpoint directory or a hub id (e.g. "Qwen/Qwen2-VL-2B-Instruct"), strictly.
 
         Args:
@@ -62,9 +67,11 @@ class Qwen2VL:
                 vision encoder and prefill matmuls run in bf16 where bf16 measures faster than float32, and decoding
                 one sequence runs each decoder layer in one native call. False keeps every matmul in float32 and
                 every op to float32 rounding (quantized decode matmuls round activations to int16 per 128 inputs).
+            engine: the engine's settings (qwen2vl.generate.EngineSettings: batch size, prefill chunks, the KV
+                pool's bytes and storage); default EngineSettings().
         """
         model, processor, ckpt, plan = loader.load(path_or_hub_id, dtype, device, fast, progress)
-        return cls(model, processor, ckpt, plan)
+        return cls(model, processor, ckpt, plan, engine)
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,6 @@
 """Model configuration, read from a checkpoint's config.json.
 
-Two schemas exist in the wild (spec section 1):
+Two schemas exist in the wild:
 - the hub's flat schema (Qwen/Qwen2-VL-*): text fields at the top level, `vision_config`, and
   `rope_scaling = {"type": "mrope", "mrope_section": [...]}` beside a top-level `rope_theta`;
 - transformers 5.x's nested schema: text fields under `text_config`, rope under
@@ -57,11 +57,13 @@ class VisionConfig:
 
     def validate(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ConfigError(f"vision_config: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"vision_config: embed_dim {self.embed_dim} is not divisible by num_heads "
+                              f"{self.num_heads}")
         if self.head_dim % 4:
             raise ConfigError(f"vision_config: head_dim {self.head_dim} must be divisible by 4 for 2D rotary")
         if self.hidden_act not in _VISION_ACTS:
-            raise ConfigError(f"vision_config: unsupported hidden_act {self.hidden_act!r} (known: {sorted(_VISION_ACTS)})")
+            raise ConfigError(f"vision_config: unsupported hidden_act {self.hidden_act!r} "
+                              f"(known: {sorted(_VISION_ACTS)})")
         if self.spatial_merge_size != 2 or self.temporal_patch_size != 2:
             raise ConfigError("vision_config: only spatial_merge_size=2 and temporal_patch_size=2 exist in Qwen2-VL")
 
@@ -91,12 +93,14 @@ class TextConfig:
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}")
         if len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != self.head_dim:
-            raise ConfigError(f"mrope_section {list(self.mrope_section)} must have 3 parts summing to head_dim/2 = {self.head_dim // 2}")
+            raise ConfigError(f"mrope_section {list(self.mrope_section)} must have 3 parts summing to "
+                              f"head_dim/2 = {self.head_dim // 2}")
         if self.hidden_act != "silu":
             raise ConfigError(f"unsupported text hidden_act {self.hidden_act!r}: Qwen2-VL uses silu")
         if self.use_sliding_window:
@@ -132,7 +136,8 @@ class Qwen2VLConfig:
         if "rope_theta" in rope:
             t["rope_theta"] = rope["rope_theta"]
         # Pre-v5 files put tie_word_embeddings in text_config, v5 at the top: either one ties (as transformers does).
-        t["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")) or bool(d.get("text_config", {}).get("tie_word_embeddings"))
+        t["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")) or \
+            bool(d.get("text_config", {}).get("tie_word_embeddings"))
         text = TextConfig(**_known_fields(TextConfig, t))
         vision = VisionConfig.from_dict(d["vision_config"])
         tokens = {k: t[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")

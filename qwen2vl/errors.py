@@ -15,3 +15,7 @@ class CheckpointError(Qwen2VLError):
 
 class InputError(Qwen2VLError, ValueError):
     """The model inputs (or a conversation item) are malformed; the message names the offending item."""
+
+
+class ConstraintError(InputError):
+    """An output constraint (JSON schema, regex, choices) that the grammar compiler cannot compile."""

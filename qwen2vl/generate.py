@@ -1,14 +1,15 @@
 """Generation, outside the model: the Engine that answers many sequences at once, and its caches.
 
 The Python API, the CLI, the server and batch jobs all submit Sequences to an Engine. Each step:
-- admits a waiting sequence: its prompt starts after the longest prefix the PrefixCache holds, and the vision
-  encoder runs only on images with tokens after that prefix (the VisionCache skips the ones it has seen);
-- prefills one chunk of it on its own (chunks are short while others decode, so one long prompt does not stall
-  everyone's tokens), and once its prompt is done, picks its first token and joins the running batch;
-- decodes one token for every running row. The batch's keys and values sit right-aligned in one KVCache (left
-  padding is masked), so a step is one forward; M-RoPE decode positions are per row (spec 6.4).
-A row leaves when it stops (stop token, stop string, length, a complete grammar) or is cancelled; its prompt and
-answer go to the prefix cache for the next turn.
+- admits a waiting sequence once the KV pool has room for it: its prompt starts after the longest run of blocks
+  the pool holds for it (the prefix cache), and the vision encoder runs only on images and videos with tokens after
+  that prefix (the VisionCache skips the ones it has seen);
+- prefills one chunk of it (short while others decode, so one long prompt does not stall everyone's tokens; longer
+  alone, but always bounded), and once its prompt is done, picks its first token and joins the running Batch;
+- decodes one token for every running row: each row reads its own keys through its block table, so rows of any
+  lengths decode together in one forward; M-RoPE decode positions are per row.
+A row leaves when it stops (stop token, stop string, length, a complete grammar) or is cancelled; its blocks go back
+to the pool, keyed for the next turn.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from .cache import KVCache
 from .chat import TextStream, Tokenizer
 from .datatypes import MediaItem, ModelInputs
+from .errors import InputError
 from .grammar import Matcher, mask_logits
 from .grounding import Box
 from .grounding import parse as parse_boxes
 from .model import Qwen2VLModel
-from .prefix import PrefixCache, content_key
+from .kv import BLOCK, BlockTable, KVPool, KVView, PoolFull, block_keys, blocks_for, content_key
 from .sampling import Sampler, SamplingParams, logprobs
 
 
@@ -39,7 +41,6 @@ class VisionCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.bytes = 0
-        self.hits = self.misses = 0
 
     key = staticmethod(content_key)
 
@@ -64,10 +65,8 @@ class VisionCache:
 
     def _get(self, key: bytes) -> torch.Tensor | None:
         if key in self.entries:
-            self.hits += 1
             self.entries.move_to_end(key)
             return self.entries[key]
-        self.misses += 1
         return None
 
     def _put(self, key: bytes, emb: torch.Tensor) -> None:
@@ -125,6 +124,7 @@ class Sequence:
         self.cancelled = False
         self.stream: TextStream | None = None
         self.media: list[tuple[int, int, bytes]] = []  # (start, end, content key) of each image / video
+        self.keys: list[bytes] | None = None  # the prompt's full blocks' keys (kv.block_keys)
         self.submitted, self.last_token_at = time.perf_counter(), None
 
     def cancel(self) -> None:
@@ -140,17 +140,88 @@ class Sequence:
                      int((ids == video_token_id).sum()), self.cached_tokens)
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """How an engine batches and how much it keeps: built once, passed in."""
+    max_batch: int = 16  # sequences decoding together
+    prefill_chunk: int = 256  # prompt tokens per step while others decode (their next token waits for one chunk)
+    prefill_chunk_alone: int = 1024  # prompt tokens per step when nothing decodes: memory stays bounded
+    kv_cache_bytes: int = 2 << 30  # the KV pool (running sequences and the prefix cache); taken as it is written
+    kv_format: str | None = None  # KV storage: "float32" | "float16" | "uint8"; None: the load plan's
+
+
 @dataclass
 class _Prefill:
     """A sequence whose prompt is being prefilled on its own, `done` tokens so far."""
     seq: Sequence
-    kv: KVCache
-    embeds: torch.Tensor  # (1, L - cached, D): the prompt's embeddings after the cached prefix
+    table: BlockTable
+    visual: list[tuple[MediaItem, torch.Tensor]]  # embeddings of the images and videos after the cached prefix
     positions: torch.Tensor  # (3, 1, L)
     delta: int  # M-RoPE: a token appended at index i has position i + delta
-    cached: int
     done: int
-    keys: list[bytes]  # prefix-cache keys of the prompt's full blocks
+
+
+class Batch:
+    """The running sequences, decoding together: per row its sequence, block table, keys held, next M-RoPE position
+    and last token, and one sampler over all rows. Rows join after their prefill and leave when they finish."""
+
+    def __init__(self):
+        self.seqs: list[Sequence] = []
+        self.tables: list[BlockTable] = []
+        self.table = torch.zeros(0, 1, dtype=torch.int32)  # (B, T): each row's block ids
+        self.held = torch.zeros(0, dtype=torch.int32)  # (B,): keys each row holds in the pool
+        self.next_pos = torch.zeros(0, dtype=torch.long)  # (B,)
+        self.last = torch.zeros(0, dtype=torch.long)  # (B,): the token each row feeds next
+        self.sampler: Sampler | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def join(self, seq: Sequence, table: BlockTable, sampler: Sampler, token: torch.Tensor, next_pos: int) -> None:
+        self.seqs.append(seq)
+        self.tables.append(table)
+        T = max(self.table.shape[1], len(table.blocks))
+        row = torch.tensor(table.blocks + [0] * (T - len(table.blocks)), dtype=torch.int32)
+        self.table = torch.cat([F.pad(self.table, (0, T - self.table.shape[1])), row[None]])
+        self.held = torch.cat([self.held, torch.tensor([table.tokens], dtype=torch.int32)])
+        self.next_pos = torch.cat([self.next_pos, torch.tensor([next_pos])])
+        self.last = torch.cat([self.last, token])
+        if self.sampler is None:
+            self.sampler = sampler
+        else:
+            self.sampler.extend(sampler)
+
+    def drop(self, rows: list[int]) -> None:
+        keep = [i for i in range(len(self.seqs)) if i not in rows]
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.tables = [self.tables[i] for i in keep]
+        self.table, self.held, self.next_pos, self.last = (t[idx] for t in (self.table, self.held, self.next_pos,
+                                                                            self.last))
+        if keep:
+            self.sampler.keep(idx)
+        else:
+            self.sampler = None
+
+    def view(self, pool: KVPool) -> KVView:
+        """The next decode step's view: every row's table grown (from its reservation) to hold one more key."""
+        for b, t in enumerate(self.tables):
+            n = len(t.blocks)
+            t.grow(pool, t.tokens + 1)
+            if len(t.blocks) > n:
+                if len(t.blocks) > self.table.shape[1]:
+                    self.table = F.pad(self.table, (0, max(len(t.blocks), 2 * self.table.shape[1]) -
+                                                    self.table.shape[1]))
+                self.table[b, n:len(t.blocks)] = torch.tensor(t.blocks[n:], dtype=torch.int32)
+        return KVView(pool, self.table, self.held, 1)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Every row wrote one key and picked its next token."""
+        for t in self.tables:
+            t.tokens += 1
+        self.held += 1
+        self.next_pos += 1
+        self.last = tokens
 
 
 class Observer:
@@ -163,24 +234,33 @@ class Observer:
 
 class Engine:
     """Continuous batching over one model. Thread-safe: any thread may `submit`, and `step` runs under a lock, so
-    the API's calls and a server's loop can share one engine (and its caches)."""
+    the API's calls and a server's loop can share one engine (and its caches).
 
-    def __init__(self, model: Qwen2VLModel, tokenizer: Tokenizer | None, vision_cache: VisionCache | None = None,
-                 prefix_cache: PrefixCache | None = None, max_batch: int = 16, chunk: int = 256,
-                 observer: Observer | None = None):
+    Keys and values live in one KVPool: a sequence's prompt starts after the longest run of cached blocks, takes
+    room for its prompt and longest answer when it is admitted (it waits while the pool lacks room), and gives its
+    blocks back, keyed for reuse, when it leaves."""
+
+    def __init__(self, model: Qwen2VLModel, tokenizer: Tokenizer | None, settings: EngineSettings | None = None,
+                 kv_format: str = "float32", vision_cache: VisionCache | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.vision_cache, self.prefix_cache = vision_cache, prefix_cache
-        self.max_batch, self.chunk, self.observer = max_batch, chunk, observer or Observer()
+        self.settings = settings = settings or EngineSettings()
+        t = model.cfg.text
+        self.pool = KVPool(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, settings.kv_cache_bytes,
+                           settings.kv_format or kv_format)
+        self.vision_cache, self.observers = vision_cache, []
         self.lock = threading.RLock()
         self.work = threading.Condition(self.lock)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: _Prefill | None = None
-        self.rows: list[Sequence] = []  # the running batch, in cache row order
-        self.cache: KVCache | None = None
+        self.batch = Batch()
         self.prefill_tokens = 0  # prompt tokens computed (not taken from the prefix cache), over all sequences
         self.decode_steps = 0
 
     # -- the caller's side
+
+    def watch(self, observer: Observer) -> None:
+        """Report prompts and token timings to `observer` too (a server's metrics)."""
+        self.observers.append(observer)
 
     def submit(self, seq: Sequence) -> Sequence:
         if self.tokenizer is not None:
@@ -193,13 +273,18 @@ class Engine:
     def cancel_all(self) -> None:
         """Cancel every sequence, waiting or running (a server shutting down): each ends at the next step."""
         with self.lock:
-            for seq in [*self.waiting, *self.rows, *([self.prefilling.seq] if self.prefilling else [])]:
+            for seq in [*self.waiting, *self.batch.seqs, *([self.prefilling.seq] if self.prefilling else [])]:
                 seq.cancel()
             self.work.notify_all()
 
     @property
+    def rows(self) -> list[Sequence]:
+        """The running sequences."""
+        return self.batch.seqs
+
+    @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.rows)
+        return bool(self.waiting or self.prefilling or self.batch)
 
     def run(self, seqs: list[Sequence]) -> None:
         """Step until every one of `seqs` is done."""
@@ -222,142 +307,122 @@ class Engine:
         with self.lock:
             while self.waiting and self.waiting[0].cancelled:
                 self._finish(self.waiting.popleft(), "abort")
-            if self.prefilling is None and self.waiting and len(self.rows) < self.max_batch:
-                seq = self.waiting.popleft()
+            if self.prefilling is None and self.waiting and len(self.batch) < self.settings.max_batch:
+                seq = self.waiting[0]  # first come, first served: a request that does not fit yet holds the line
                 self.prefilling = self._guard([seq], lambda: self._start(seq))
+                if self.prefilling is not None or seq.done:
+                    self.waiting.popleft()
             if self.prefilling is not None:
                 p = self.prefilling
                 self._guard([p.seq], lambda: self._prefill(p))
-            if self.rows:
-                self._guard(list(self.rows), self._decode)
+            if self.batch:
+                self._guard(list(self.batch.seqs), self._decode)
 
     def _guard(self, seqs: list[Sequence], work: Callable):
-        """Run one piece of work; if it fails, only the sequences it serves fail (with the exception)."""
+        """Run one piece of work; if it fails, only the sequences it serves fail (with the exception) and give
+        their blocks back."""
         try:
             return work()
         except Exception as e:  # noqa: BLE001 - reported to each caller; the engine goes on
             for s in seqs:
                 self._fail(s, e)
             if self.prefilling is not None and self.prefilling.seq in seqs:
+                self.prefilling.table.free(self.pool)
                 self.prefilling = None
-            if any(s in self.rows for s in seqs):
-                self.rows, self.cache = [], None
+            failed = [i for i, s in enumerate(self.batch.seqs) if s in seqs]
+            for i in failed:
+                self.batch.tables[i].free(self.pool)
+            self.batch.drop(failed)
             return None
 
-    def _start(self, seq: Sequence) -> _Prefill:
-        m, t = self.model, self.model.cfg.text
+    def _start(self, seq: Sequence) -> _Prefill | None:
+        """Admit a sequence: its cached prefix and room for the rest, then the vision encoder on the images and
+        videos after the prefix. None (nothing taken) while the pool lacks room."""
+        m, L = self.model, len(seq.ids)
         x = seq.inputs.to(m.device)
-        merge = m.cfg.vision.spatial_merge_size
-        items: list[MediaItem] = x.media(merge, m.cfg.image_token_id, m.cfg.video_token_id)
-        positions, deltas = m.positions(x)
-        L = len(seq.ids)
-        cached, keys, k, v = 0, [], None, None
-        if self.prefix_cache is not None:
+        items: list[MediaItem] = x.media(m.cfg.vision.spatial_merge_size, m.cfg.image_token_id, m.cfg.video_token_id)
+        if seq.keys is None:  # hashed once, however long the sequence waits
             seq.media = [(i.start, i.end, content_key(i.pixels, i.grid)) for i in items]
-            keys = self.prefix_cache.keys(seq.ids, seq.media)
-            cached, k, v = self.prefix_cache.lookup(keys, L - 1)  # the last token is always computed (its logits)
-        kv = KVCache(t.num_hidden_layers, 1, t.num_key_value_heads, t.head_dim,
-                     L + min(seq.params.max_new_tokens, 256), m.dtype, m.device)
-        if cached:
-            kv.k[:, 0, :, :cached], kv.v[:, 0, :, :cached] = k, v
-            kv.length = cached
-        seq.cached_tokens = cached
-        self.observer.prompt(L, cached)
-        encode = self.vision_cache.encoder(m) if self.vision_cache is not None else None
-        embeds = m.embeddings_from(x, items, cached, encode)
-        return _Prefill(seq, kv, embeds, positions, int(deltas[0]), cached, cached, keys)
+            seq.keys = block_keys(seq.ids, seq.media)
+        cached = self.pool.lookup(seq.keys, L - 1)  # the last token is always computed (its logits)
+        need = blocks_for(L + seq.params.max_new_tokens) - len(cached)
+        try:
+            room = self.pool.reserve(need)
+        except PoolFull as e:
+            self.pool.release(cached)
+            raise InputError(f"the prompt of {L} tokens and up to {seq.params.max_new_tokens} new ones {e}: "
+                             "raise --kv-cache-bytes") from None
+        if not room:
+            self.pool.release(cached)
+            return None
+        table = BlockTable(cached, len(cached) * BLOCK, need)
+        seq.cached_tokens = table.tokens
+        for o in self.observers:
+            o.prompt(L, table.tokens)
+        try:
+            encode = self.vision_cache.encoder(m) if self.vision_cache is not None else None
+            visual = m.visual_embeddings(items, table.tokens, encode)
+            positions, deltas = m.positions(x)
+        except BaseException:
+            table.free(self.pool)
+            raise
+        return _Prefill(seq, table, visual, positions, int(deltas[0]), table.tokens)
 
     def _prefill(self, p: _Prefill) -> None:
-        m, L = self.model, len(p.seq.ids)
+        m, L, s = self.model, len(p.seq.ids), self.settings
         if p.seq.cancelled:
             self.prefilling = None
+            p.table.free(self.pool)
             return self._finish(p.seq, "abort")
-        n = min(L - p.done, self.chunk if self.rows else L)  # alone, the whole rest in one go
-        lo = p.done - p.cached
-        key_valid = torch.ones(1, p.done + n, dtype=torch.bool, device=m.device)
-        hidden = m(p.embeds[:, lo:lo + n], p.positions[:, :, p.done:p.done + n], key_valid, p.kv)
-        p.kv.advance(n)
-        p.done += n
+        n = min(L - p.done, s.prefill_chunk if self.batch else s.prefill_chunk_alone)
+        p.table.grow(self.pool, p.done + n)
+        view = KVView(self.pool, torch.tensor([p.table.blocks], dtype=torch.int32),
+                      torch.tensor([p.done], dtype=torch.int32), n)
+        embeds = m.embed_range(p.seq.inputs.input_ids, p.done, p.done + n, p.visual)
+        hidden = m(embeds, p.positions[:, :, p.done:p.done + n], cache=view)
+        p.done = p.table.tokens = p.done + n
+        self.pool.register(p.table.blocks[:p.done // BLOCK], p.seq.keys)  # full prompt blocks: reusable now
         self.prefill_tokens += n
         if p.done < L:
             return
         self.prefilling = None
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(p.keys, p.kv.k[:, 0], p.kv.v[:, 0])
         sampler = Sampler([p.seq.params], [p.seq.ids], m.cfg.text.vocab_size, m.device)
         tokens, finished = self._pick(m.lm_head(hidden[:, -1]).float(), [p.seq], sampler)
         if finished:
-            return self._leave_cache(p.seq, p.kv, 0)
-        self._join(p, sampler, tokens)
-
-    def _join(self, p: _Prefill, sampler: Sampler, tokens: torch.Tensor) -> None:
-        L, dev = len(p.seq.ids), self.model.device
-        if not self.rows:
-            self.rows, self.cache, self.sampler = [p.seq], p.kv, sampler
-            self.key_valid = torch.ones(1, L, dtype=torch.bool, device=dev)
-            self.next_pos = torch.tensor([L + p.delta], device=dev)
-            self.last = tokens
-            return
-        S = max(self.cache.length, L)
-        self.cache = KVCache.stack([self.cache, p.kv], room=256)
-        pad = lambda valid: torch.nn.functional.pad(valid, (S - valid.shape[1], 0), value=False)
-        self.key_valid = torch.cat([pad(self.key_valid), pad(torch.ones(1, L, dtype=torch.bool, device=dev))])
-        self.next_pos = torch.cat([self.next_pos, torch.tensor([L + p.delta], device=dev)])
-        self.last = torch.cat([self.last, tokens])
-        self.sampler.extend(sampler)
-        self.rows.append(p.seq)
+            return self._leave(p.seq, p.table)
+        self.batch.join(p.seq, p.table, sampler, tokens, L + p.delta)
 
     def _decode(self) -> None:
-        m = self.model
-        gone = [i for i, s in enumerate(self.rows) if s.cancelled]
+        m, batch = self.model, self.batch
+        gone = [i for i, s in enumerate(batch.seqs) if s.cancelled]
         for i in gone:
-            self._finish(self.rows[i], "abort")
-        if gone and not self._keep(gone):
+            self._finish(batch.seqs[i], "abort")
+        self._drop(gone)
+        if not batch:
             return
-        if self.cache.length == self.cache.capacity:
-            self.cache = KVCache.stack([self.cache], room=256)
-        B = len(self.rows)
-        key_valid = torch.cat([self.key_valid, self.key_valid.new_ones(B, 1)], dim=1)
-        pos = self.next_pos.view(1, B, 1).expand(3, B, 1)  # the same position on all three rows
-        hidden = m(m.model.embed_tokens(self.last[:, None]), pos, key_valid, self.cache)  # generated ids are text
-        self.cache.advance(1)
+        B = len(batch)
+        view = batch.view(self.pool)
+        pos = batch.next_pos.view(1, B, 1).expand(3, B, 1)  # the same position on all three rows
+        hidden = m(m.model.embed_tokens(batch.last[:, None]), pos, cache=view)  # generated ids are text
         self.decode_steps += 1
-        self.key_valid, self.next_pos = key_valid, self.next_pos + 1
-        self.last, finished = self._pick(m.lm_head(hidden[:, -1]).float(), self.rows, self.sampler)
-        if finished:
-            self._keep(finished)
+        tokens, finished = self._pick(m.lm_head(hidden[:, -1]).float(), batch.seqs, batch.sampler)
+        batch.advance(tokens)
+        self._drop(finished)
 
-    def _keep(self, leaving: list[int]) -> bool:
-        """Rows leave the batch (their keys and values go to the prefix cache); False when none is left."""
-        S = self.cache.length
-        for i in leaving:
-            n = int(self.key_valid[i].sum())
-            self._leave_cache(self.rows[i], self.cache, i, S - n)
-        keep = [i for i in range(len(self.rows)) if i not in leaving]
-        if not keep:
-            self.rows, self.cache = [], None
-            return False
-        idx = torch.tensor(keep, device=self.model.device)
-        valid = self.key_valid[idx]
-        first = int(valid.any(0).long().argmax())  # columns that only left rows used go too
-        self.cache.keep(idx, first)
-        self.key_valid = valid[:, first:]
-        self.next_pos, self.last = self.next_pos[idx], self.last[idx]
-        self.sampler.keep(idx)
-        self.rows = [self.rows[i] for i in keep]
-        return True
+    def _drop(self, rows: list[int]) -> None:
+        """Finished rows leave the batch, their blocks back to the pool (keyed for the next turn)."""
+        for i in rows:
+            self._leave(self.batch.seqs[i], self.batch.tables[i])
+        if rows:
+            self.batch.drop(rows)
 
-    def _leave_cache(self, seq: Sequence, kv: KVCache, row: int, start: int = 0) -> None:
-        """A finished sequence's prompt and answer (all but the last token, which has no keys yet) to the prefix
-        cache, for the next turn of its conversation."""
-        if self.prefix_cache is None or not seq.tokens or seq.finish_reason == "error":
-            return
+    def _leave(self, seq: Sequence, table: BlockTable) -> None:
+        """A finished sequence's blocks go back to the pool. Its prompt and answer (all but the last token, which
+        has no keys) are keyed first, for the next turn of its conversation."""
         ids = seq.ids + seq.tokens[:-1]
-        n = kv.length - start
-        if n != len(ids):
-            return
-        keys = self.prefix_cache.keys(ids, seq.media)
-        self.prefix_cache.store(keys, kv.k[:, row, :, start:kv.length], kv.v[:, row, :, start:kv.length])
+        if seq.finish_reason != "error" and seq.tokens and table.tokens == len(ids):
+            self.pool.register(table.blocks[:len(ids) // BLOCK], block_keys(ids, seq.media))
+        table.free(self.pool)
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence], sampler: Sampler) -> tuple[torch.Tensor, list[int]]:
         """The next token of each row, sent on as text; returns the tokens and the rows that finished."""
@@ -397,10 +462,11 @@ class Engine:
             reason = "length"
         if reason:
             text += s.stream.finish() if s.stream else ""
-        if s.last_token_at is None:
-            self.observer.first_token(now - s.submitted)
-        else:
-            self.observer.next_token(now - s.last_token_at)
+        for o in self.observers:
+            if s.last_token_at is None:
+                o.first_token(now - s.submitted)
+            else:
+                o.next_token(now - s.last_token_at)
         s.last_token_at = now
         delta = TextDelta(s.row, text, token, reason, logprob, top)
         s.finish_reason = reason
@@ -420,9 +486,9 @@ class Engine:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of keys and values held: the running batch, the prompt being prefilled and the prefix cache."""
-        caches = [c for c in (self.cache, self.prefilling.kv if self.prefilling else None) if c is not None]
-        return sum(c.bytes for c in caches) + (self.prefix_cache.bytes if self.prefix_cache else 0)
+        """Bytes of the KV pool's blocks in use or cached (running sequences, the prompt being prefilled and the
+        prefix cache)."""
+        return self.pool.bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, mrope_se
 
     Frequency i (of head_dim/2) takes its angle from the t, h or w row by chunks [16 t | 24 h | 24 w] for the 2B/7B/72B
     section [16, 24, 24]; the 64 angles are then duplicated to 128, as in rotate_half layout. Cast to the activation
-    dtype at the end (spec 6.3).
+    dtype at the end.
     """
     freqs = positions[..., None].float() * inv_freq(head_dim, theta, positions.device)  # (3, B, L, head_dim/2)
     angles = torch.cat([f[i] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)  # (B, L, D/2)
@@ -54,7 +54,7 @@ def get_rope_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None, *,
                    image_token_id: int, video_token_id: int, spatial_merge_size: int = 2,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE position ids (3, B, L) and per-sample deltas (B,), spec 6.4, original Qwen2-VL rule.
+    """M-RoPE position ids (3, B, L) and per-sample deltas (B,), original Qwen2-VL rule.
 
     Over the non-pad tokens of each sample: text tokens count up on all three rows; a vision run of grid (t, H, W)
     gets (cur + ti, cur + hi, cur + wi) over its t x H/2 x W/2 tokens, and text after it resumes at
@@ -121,7 +121,7 @@ def _sample_positions(ids: list[int], images: Iterator, videos: Iterator, image_
         hi = torch.arange(h).view(1, h, 1).expand(t, h, w).flatten()
         wi = torch.arange(w).view(1, 1, w).expand(t, h, w).flatten()
         chunks.append(torch.stack([ti, hi, wi]) + cur)
-        cur += max(t, h, w)  # the original rule (spec 6.4)
+        cur += max(t, h, w)  # the original rule
         st = ed + count
     return torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
 
@@ -133,7 +133,7 @@ def _sample_positions(ids: list[int], images: Iterator, videos: Iterator, image_
 def vision_patch_coords(grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor:
     """(row, col) of every patch row of pixel_values, (N, 2), for grids (n, 3).
 
-    Patch rows are in merge-window-major order within each temporal slice (spec 3.2 / 9.1): the flat index q inside a
+    Patch rows are in merge-window-major order within each temporal slice: the flat index q inside a
     slice is ((bh * W/m + bw) * m + i) * m + j for the patch at row bh*m + i, column bw*m + j.
     """
     grid_thw = grid_thw.long()

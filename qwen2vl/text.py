@@ -1,7 +1,8 @@
-"""The Qwen2 text decoder (spec section 6.2): pre-RMSNorm blocks with GQA attention (q/k/v biases) under M-RoPE,
+"""The Qwen2 text decoder: pre-RMSNorm blocks with GQA attention (q/k/v biases) under M-RoPE,
 and a SwiGLU MLP. Parameter names follow the checkpoints (`model.layers.{i}.self_attn.q_proj`, ...).
 
-The KV cache (cache.KVCache) is not owned here: generation passes it in.
+Keys and values live in a pool of blocks (kv.KVPool) owned by generation, which passes in a view of the rows' block
+tables (kv.KVView); without one, attention runs over the forward's own keys (a whole prompt, `logits`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from . import kv
 from .config import TextConfig
+from .kv import KVView
 from .rope import apply_rotary
 
 
@@ -68,16 +70,21 @@ class Attention(nn.Module):
                                                  enable_gqa=H != k.shape[1])
         return out.transpose(1, 2).reshape(B, L, -1)
 
+    # Attention of q (B, L, H, D) over the pool's keys through a KVView -> (B, L, H * D); the CPU plan may set an
+    # instance's `attend_cached` to a native one (kernels.c attention_paged).
+    attend_cached = staticmethod(kv.attend)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVView | None) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = fanout(x, self.q_proj, self.k_proj, self.v_proj)
         q, k = self.rotate(q.reshape(B, L, self.n_heads, self.head_dim), k.reshape(B, L, self.n_kv, self.head_dim),
                            cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, D), (B, Hkv, L, D)
-        v = v.reshape(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, L, self.n_kv, self.head_dim)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), post-rotary keys
+            cache.write(self.layer, k, v)  # post-rotary keys
+            return self.o_proj(self.attend_cached(q, cache, self.layer))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D), (B, Hkv, L, D)
         return self.o_proj(self.attend(q, k, v, mask))
 
 
@@ -120,7 +127,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVView | None = None) -> torch.Tensor:
         """embeds (B, L, D), cos/sin (B, L, head_dim), mask bool (B, 1, L, S) or None -> hidden (B, L, D)."""
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, L, 1, D): broadcast over heads
         h = embeds

@@ -1,4 +1,4 @@
-"""The Qwen2-VL vision encoder (spec section 5): patch embedding, 32 pre-LN ViT blocks with 2D rotary and
+"""The Qwen2-VL vision encoder: patch embedding, 32 pre-LN ViT blocks with 2D rotary and
 block-diagonal attention (one block per image or per 2-frame video slice), and the 2x2 patch merger.
 
 Parameter names follow the checkpoints (`visual.patch_embed.proj`, `visual.blocks.{i}.attn.qkv`, ...).
@@ -69,13 +69,13 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # A Conv3d whose kernel equals its stride over one patch is a matmul with the flattened kernel:
-        # rows are laid out [c][t][py][px] (spec 3.2), as the kernel is.
+        # rows are laid out [c][t][py][px], as the kernel is.
         w = self.proj.weight
         return F.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1))  # (N, 1176) -> (N, embed_dim)
 
 
 def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v (N, H, D) from qkv (N, 3, H, D), q and k rotated in float32 (spec 5.2) and back in the compute dtype;
+    """q, k, v (N, H, D) from qkv (N, 3, H, D), q and k rotated in float32 and back in the compute dtype;
     one at a time (peak memory, large images)."""
     q, k, v = qkv.unbind(1)
     return apply_rotary(q.float(), cos, sin).to(v.dtype), apply_rotary(k.float(), cos, sin).to(v.dtype), v

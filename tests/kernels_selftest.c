@@ -78,12 +78,13 @@ int main(void) {
     rms_norm(qkv, nw, 5, 3 * H * D, 1e-6f, nx, 2);
     show("rms_norm", nx, 5 * 3 * H * D);
 
-    /* One decoder layer of 128 hidden, 2 heads (1 kv head) of 64, MLP 256, at position 2 of a 4-slot cache. */
-    enum { Dm = 128, Hq = 2, Hkv = 1, hd = 64, I = 256, cap = 4 };
+    /* One decoder layer of 128 hidden, 2 heads (1 kv head) of 64, MLP 256; its keys and values in a pool of 8 blocks
+       (float32), one sequence holding 2 keys in block 5. */
+    enum { Dm = 128, Hq = 2, Hkv = 1, hd = 64, I = 256, NB = 8 };
     static uint8_t qw[(Hq + 2 * Hkv) * hd / 4 * 256], ow[Dm / 4 * 256], guw[2 * I / 4 * 256], dw[Dm / 4 * 2 * 256];
     static uint16_t qs[(Hq + 2 * Hkv) * hd], os[Dm], gus[2 * I], ds[Dm * 2];
     static uint8_t qz[(Hq + 2 * Hkv) * hd], oz[Dm], guz[2 * I], dz[Dm * 2];
-    static float ln1[Dm], ln2[Dm], qb[(Hq + 2 * Hkv) * hd], xl[Dm], kc[Hkv * cap * hd], vc[Hkv * cap * hd];
+    static float ln1[Dm], ln2[Dm], qb[(Hq + 2 * Hkv) * hd], xl[Dm];
     uint8_t *ws[] = {qw, ow, guw, dw}, *zs[] = {qz, oz, guz, dz};
     uint16_t *ss[] = {qs, os, gus, ds};
     size_t wn[] = {sizeof qw, sizeof ow, sizeof guw, sizeof dw}, mn[] = {sizeof qz, sizeof oz, sizeof guz, sizeof dz};
@@ -93,17 +94,42 @@ int main(void) {
     }
     for (int i = 0; i < Dm; i++) { ln1[i] = 1 + 0.1f * rnd(); ln2[i] = 1 + 0.1f * rnd(); xl[i] = rnd(); }
     for (int i = 0; i < (Hq + 2 * Hkv) * hd; i++) qb[i] = 0.1f * rnd();
-    for (int i = 0; i < Hkv * cap * hd; i++) { kc[i] = rnd(); vc[i] = rnd(); }
+    static float pk[3][NB * Hkv * hd * KV_BLOCK], pv[3][NB * Hkv * hd * KV_BLOCK];  /* float32-sized: any format */
+    static float pks[3][NB * Hkv * KV_BLOCK * 2], pvs[3][NB * Hkv * KV_BLOCK * 2];
+    static float kt[Hkv * hd], vt[Hkv * hd];
+    const int32_t one[1] = {5}, two[2 * 3] = {5, 0, 0, 2, 7, 1}, held1[1] = {2}, held2[2] = {2, 37};
+    for (int f = 0; f < 3; f++)  /* keys and values of positions 0 .. 8 and 0 .. 39 of block tables {5} and {2, 7, 1} */
+        for (int b = 0; b < 2; b++)
+            for (int t = 0; t < (b ? 40 : 9); t++) {
+                for (int i = 0; i < Hkv * hd; i++) { kt[i] = 2 * rnd(); vt[i] = rnd(); }
+                kv_write(pk[f], pv[f], pks[f], pvs[f], f, Hkv, hd, NB, (b ? two + 3 : one)[t / KV_BLOCK],
+                         t % KV_BLOCK, kt, vt);
+            }
     decode_layer_t L = {Dm, Hq, Hkv, hd, I, 1e-6f, ln1, ln2, qw, ow, guw, dw, qs, os, gus, ds, qz, oz, guz, dz, qb};
-    decode_layer(&L, xl, 1, cs, sn, kc, vc, cap, 2, NULL, 2);
+    decode_layer(&L, xl, 1, cs, sn, pk[KV_F32], pv[KV_F32], NULL, NULL, KV_F32, NB, one, 1, held1, 2);
     show("decode_layer", xl, Dm);
-    /* The same layer for two sequences at once, the second left-padded by one position. */
-    static float xb[2 * Dm], kb[2 * Hkv * cap * hd], vb[2 * Hkv * cap * hd];
-    const int starts[2] = {0, 1};
-    for (int i = 0; i < 2 * Dm; i++) xb[i] = rnd();
-    for (int i = 0; i < 2 * Hkv * cap * hd; i++) { kb[i] = rnd(); vb[i] = rnd(); }
-    decode_layer(&L, xb, 2, cs, sn, kb, vb, cap, 2, starts, 2);
+    /* The same layer for two sequences at once, of 2 and 37 keys (float16 and uint8 pools). */
+    static float xb[2 * Dm], xb8[2 * Dm];
+    for (int i = 0; i < 2 * Dm; i++) xb[i] = xb8[i] = rnd();
+    decode_layer(&L, xb, 2, cs, sn, pk[KV_F16], pv[KV_F16], NULL, NULL, KV_F16, NB, two, 3, held2, 2);
     show("decode_layer_m2", xb, 2 * Dm);
+    decode_layer(&L, xb8, 2, cs, sn, pk[KV_U8], pv[KV_U8], pks[KV_U8], pvs[KV_U8], KV_U8, NB, two, 3, held2, 2);
+    show("decode_layer_u8", xb8, 2 * Dm);
+    /* Attention over the pool in each format: one query per row (decode), and a prompt chunk of 9 queries. */
+    static float pq[2 * 9 * 4 * hd], po[2 * 9 * 4 * hd];
+    for (int i = 0; i < 2 * 9 * 4 * hd; i++) pq[i] = rnd();
+    const int32_t lens[2] = {3, 40}, starts[2] = {0, 31};
+    const int64_t pst[3] = {9 * 4 * hd, 4 * hd, hd};
+    const char *fmts[3] = {"f32", "f16", "u8"};
+    for (int f = 0; f < 3; f++) {
+        char name[64];
+        attention_paged_decode(pq, 2, 4, pk[f], pv[f], pks[f], pvs[f], f, Hkv, hd, NB, two, 3, lens, 0.125f, po, 2);
+        snprintf(name, sizeof name, "attention_paged_decode_%s", fmts[f]);
+        show(name, po, 2 * 4 * hd);
+        attention_paged(pq, pst, 2, 9, 4, pk[f], pv[f], pks[f], pvs[f], f, Hkv, hd, NB, two, 3, starts, 0.125f, po, 2);
+        snprintf(name, sizeof name, "attention_paged_%s", fmts[f]);
+        show(name, po, 2 * 9 * 4 * hd);
+    }
 
     /* The vision attention over two segments of 70 rows, 2 heads of 32. */
     enum { AL = 70, AH = 2, AD = 32 };

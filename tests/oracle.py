@@ -10,7 +10,7 @@ import torch
 
 # Tiny configs in the hub's flat schema (as the official config.json is written), each stressing something:
 TINY = {
-    # spec section 10's config: GQA 2:1, tied embeddings
+    # GQA 2:1, tied embeddings
     "gqa2-tied": dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=True, mrope_section=[2, 3, 3],
                       vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4)),
@@ -103,7 +103,7 @@ def hub_state(model, config: dict) -> dict:
 
 
 def _legacy(name: str) -> str:
-    """transformers 5.x runtime names -> the hub's names (spec 2.1)."""
+    """transformers 5.x runtime names -> the hub's names."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):]
     if name.startswith("model.visual."):

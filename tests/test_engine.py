@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from qwen2vl.datatypes import ModelInputs
+from qwen2vl.errors import InputError
 from tests.test_server import make_server, wait_until
 
 SCHEMA = {  # bounded: at most 12 + 3 x 8 characters of strings, two digits, one of three words
@@ -320,19 +322,54 @@ def test_turns_of_a_chat_reuse_the_conversation(model, assets):
     assert second.usage.cached_tokens <= second.usage.prompt_tokens - 1
 
 
-def test_the_prefix_cache_keeps_to_its_budget(model):
-    from qwen2vl.prefix import PrefixCache
+def test_a_follow_up_reads_the_same_blocks(model):
+    """A second question after a long prompt takes the prompt's blocks by reference: its block table begins with the
+    very blocks the first request filled (no keys or values copied), and they are reported as cached tokens."""
+    model.prefix_cache.clear()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1000, 100000, (1, 700), generator=g)
+    first = torch.cat([ids, torch.tensor([[11, 12, 13]])], 1)
+    second = torch.cat([ids, torch.tensor([[21, 22]])], 1)
+    tables = []
+    engine = model.engine
+    join = engine.batch.join
+    engine.batch.join = lambda seq, table, *a: (tables.append(list(table.blocks)), join(seq, table, *a))[1]
+    try:
+        model.generate({"input_ids": first}, max_new_tokens=2, temperature=0)
+        [(seq, _)] = model.submit(ModelInputs.of({"input_ids": second}), model.sampling(max_new_tokens=2,
+                                                                                         temperature=0))
+        engine.run([seq])
+    finally:
+        del engine.batch.join
+    assert seq.cached_tokens == 700 // 16 * 16
+    assert tables[1][:700 // 16] == tables[0][:700 // 16]
 
-    cache = PrefixCache(max_bytes=3 * 2 * (4 * 2 * 16 * 8) * 4, block_size=16)  # three blocks: k, v (4, 2, 16, 8)
-    ids = list(range(16 * 5))
-    keys = cache.keys(ids, [])
-    k = torch.randn(4, 2, 80, 8)
-    cache.store(keys, k, -k)
-    assert cache.bytes <= cache.max_bytes and len(cache.blocks) == 3
-    n, got, _ = cache.lookup(keys, 80)  # the leading blocks are the ones kept
-    assert n == 48 and torch.equal(got, k[:, :, :48])
-    other = cache.keys(ids, [(20, 40, b"\x01" * 32)])  # an image in block 1 changes blocks 1.. but not block 0
-    assert other[0] == keys[0] and all(o != k_ for o, k_ in zip(other[1:], keys[1:]))
+
+def test_a_request_that_does_not_fit_waits_for_room(checkpoint):
+    """A pool with room for one of two long requests: the second waits (it does not fail), starts when the first
+    leaves, and both answers equal their solo answers."""
+    from qwen2vl import Qwen2VL
+    from qwen2vl.generate import EngineSettings
+    from qwen2vl.kv import KVPool
+
+    probe = Qwen2VL.from_pretrained(checkpoint, progress=False)
+    t = probe.config.text
+    per_block = KVPool.block_bytes(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, probe.plan.kv_format)
+    small = Qwen2VL.from_pretrained(checkpoint, progress=False, engine=EngineSettings(kv_cache_bytes=60 * per_block))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1000, 100000, (1, 600), generator=g) for _ in range(2)]  # 38 + 2 blocks each
+    solo = [probe.generate({"input_ids": p}, max_new_tokens=20, min_new_tokens=20, temperature=0)[0] for p in prompts]
+    params = small.sampling(max_new_tokens=20, min_new_tokens=20, temperature=0)
+    runs = [small.submit(ModelInputs.of({"input_ids": p}), params)[0] for p in prompts]
+    waited = []
+    while not all(seq.done for seq, _ in runs):
+        small.engine.step()
+        waited.append(len(small.engine.waiting))
+        assert small.engine.pool.used_bytes <= 60 * per_block
+    assert max(waited) == 1 and [seq.tokens for seq, _ in runs] == solo
+    assert [seq.finish_reason for seq, _ in runs] == ["length", "length"]
+    with pytest.raises(InputError, match="raise --kv-cache-bytes"):  # larger than the whole pool: refused at once
+        small.generate({"input_ids": torch.randint(1000, 100000, (1, 1200), generator=g)}, max_new_tokens=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,12 @@ SELFTEST = Path(__file__).with_name("kernels_selftest.c")
 EXACT = {"dequant_f32", "rotary", "act_quant_i8", "act_quant_i8_scales",
          "attention_causal_q", "attention_causal_k", "attention_causal_v"}
 # Of each section's largest value: decode matmuls and the layer sum in other orders; exp with or without FMA.
-TOL = {"q4x16_gemm_i8": 1e-5, "q4x16_gemm_i16": 1e-5, "q4x16_gemm_i16_glu": 1e-5, "rms_norm": 1e-6, "act_quant_i8_glu": 1e-6, "q4x16_m1": 1e-5, "q4x16_m3": 1e-5, "q8x16_m3": 1e-5, "quick_gelu": 1e-6, "silu_mul_bf16": 2**-8,
-       "decode_layer": 1e-4, "decode_layer_m2": 1e-4,
+TOL = {"q4x16_gemm_i8": 1e-5, "q4x16_gemm_i16": 1e-5, "q4x16_gemm_i16_glu": 1e-5, "rms_norm": 1e-6,
+       "act_quant_i8_glu": 1e-6, "q4x16_m1": 1e-5, "q4x16_m3": 1e-5, "q8x16_m3": 1e-5, "quick_gelu": 1e-6,
+       "silu_mul_bf16": 2**-8,
+       "decode_layer": 1e-4, "decode_layer_m2": 1e-4, "decode_layer_u8": 1e-4,
+       # attention over the KV pool in float32 (float32, float16 and uint8 storage): sums and exp in other orders
+       **{f"attention_paged{kind}_{fmt}": 1e-5 for kind in ("", "_decode") for fmt in ("f32", "f16", "u8")},
        "vit_attention_bf16": 2**-7,  # bf16 outputs: a step where sums land near a tie
        "attention_causal": 1e-5}  # float32 throughout (the text model's): sums and exp in other orders, measured 3e-7
 CAUSAL = dict(L=67, S=70, H=4, Hkv=2, D=32, scale=0.17677669)  # kernels_selftest.c's float32 causal attention

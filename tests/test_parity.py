@@ -87,7 +87,7 @@ def test_golden_positions_long_video_original_rule():
     """A video whose temporal grid exceeds its spatial grid: [a, <vs>, 32 pads (grid 8,4,4), <ve>, b].
 
     The original Qwen2-VL rule resumes text at cur + max(t, h/2, w/2) = 2 + 8, so <ve>, b get 10, 11 and delta is
-    -24 (spec 6.4). transformers 5.x uses max(h/2, w/2) and gives 4, 5 and delta -26.
+    -24. transformers 5.x uses max(h/2, w/2) and gives 4, 5 and delta -26.
     """
     from qwen2vl.rope import get_rope_index
 

@@ -2,8 +2,9 @@
 tensors out, no knowledge of the model.
 
 Levels, best first: avx512 (AVX-512 F/BW/VL with FMA and F16C; VNNI used where present), avx2 (AVX2 + FMA + F16C;
-AVX-VNNI where present), neon (ARM64; dotprod where present: every Apple silicon chip), generic (portable C, any CPU). `isa()` is the best level this CPU can run,
-restricted by QWEN2VL_ISA=avx512|avx2|neon|generic; whether a level is *faster* is for the plan to measure.
+AVX-VNNI where present), neon (ARM64; dotprod where present: every Apple silicon chip), generic (portable C, any CPU).
+`isa()` is the best level this CPU can run, restricted by QWEN2VL_ISA=avx512|avx2|neon|generic; whether a level is
+*faster* is for the plan to measure. README.md in this folder lists what each level's microkernel header provides.
 
 Libraries are cached under $QWEN2VL_CACHE (default ~/.cache/qwen2vl)/kernels by a hash of the sources, the compiler
 and its flags. Without a compiler (or with QWEN2VL_NATIVE=0) `load()` is None and callers use torch ops.
@@ -140,6 +141,20 @@ def build(level: str, cc: str | None = None, out_dir: Path | None = None) -> Pat
     return out
 
 
+def _out_of_memory(rc: int, fn, args) -> int:
+    """ctypes' check of the kernels that allocate scratch memory: a failed allocation raises, nothing is half-done."""
+    if rc:
+        raise MemoryError(f"kernels.c {fn.__name__}: out of memory for its scratch buffers")
+    return rc
+
+
+class DecodeLayer(ctypes.Structure):
+    """kernels.c's decode_layer_t: one decoder layer's shapes and the addresses of its weights (q4x16 layouts)."""
+    _fields_ = [(n, _I) for n in ("D", "H", "Hkv", "hd", "I")] + [("eps", ctypes.c_float)] + \
+        [(n, _P) for n in ("ln1", "ln2", "qkv_w", "o_w", "gu_w", "dn_w", "qkv_s", "o_s", "gu_s", "dn_s",
+                           "qkv_z", "o_z", "gu_z", "dn_z", "qkv_b")]
+
+
 class QuantizedRows(NamedTuple):
     """Activations rounded to int8 per group of 32 inputs (Kernels.act_quant_i8)."""
     values: torch.Tensor  # (M, K) int8
@@ -153,6 +168,8 @@ class Kernels:
     def __init__(self, path: Path):
         self.path = path
         lib = self.lib = ctypes.CDLL(str(path))  # its libgomp is the one torch already loaded (same soname)
+        checked = {"q4x16_gemv", "q8x16_gemv", "q4x16_gemm_i16", "q4x16_gemm_i8", "decode_layer",
+                   "attention_paged_decode", "attention", "attention_paged"}  # these allocate: 0, or QK_ENOMEM
         for name, args in {
             "q4pack_dequant_t": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _I],
             "q4x16_gemv": [_P, _I, _I, _I, _P, _P, _P, _P, _I],
@@ -165,12 +182,19 @@ class Kernels:
             "rms_norm": [_P, _P, _I, _I, ctypes.c_float, _P, _I],
             "quick_gelu": [_P, ctypes.c_size_t, _I, _I],
             "silu_mul_bf16": [_P, _I, _I, _P, _I],
-            "decode_layer": [_P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _I],
+            "decode_layer": [_P, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _I, _P, _I],
+            "kv_write": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P],
+            "attention_paged_decode": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, ctypes.c_float, _P,
+                                       _I],
+            "attention_paged": [_P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, ctypes.c_float, _P,
+                                _I],
             "awq_unpack_t": [_P, _I, _I, _P, _P, _I],
             "attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _I],
         }.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
+            fn.argtypes, fn.restype = args, (ctypes.c_int if name in checked else None)
+            if name in checked:
+                fn.errcheck = _out_of_memory
         lib.read_rows.argtypes = [_I, ctypes.c_longlong, ctypes.c_longlong, _P, _I, _P, _I]
         lib.read_rows.restype = ctypes.c_int
         lib.kernels_isa.restype = ctypes.c_char_p
@@ -193,7 +217,8 @@ class Kernels:
         """x (M, K), M <= 16 -> (M, N) float32 = x W^T, W = q * scale[row] in the q8x16 layout (formats.q8x16_pack)."""
         M, K = x.shape
         N = q8.shape[0] * 16
-        assert M <= 16 and q8.shape[1:] == (K // 128, 64, 16, 2) and scale.shape == (N,) and scale.dtype == torch.float32
+        assert M <= 16 and q8.shape[1:] == (K // 128, 64, 16, 2)
+        assert scale.shape == (N,) and scale.dtype == torch.float32
         x = x.float().contiguous()
         y = torch.empty(M, N)
         self.lib.q8x16_gemv(x.data_ptr(), M, K, N, q8.data_ptr(), scale.data_ptr(), y.data_ptr(),
@@ -317,6 +342,50 @@ class Kernels:
                            Hkv, D, int(causal), int(q.dtype == torch.bfloat16), int(out_dtype == torch.bfloat16),
                            int(f32), D ** -0.5, torch.get_num_threads())
         return out
+
+    def attention_paged(self, q: torch.Tensor, pool, layer: int, tables: torch.Tensor, starts: torch.Tensor
+                        ) -> torch.Tensor:
+        """Attention of q (B, n, H, D) float32 (each head's D values contiguous) over each row's keys in `pool` (a
+        kv.KVPool) through its block table, tables (B, T) int32: row b holds starts[b] (int32) keys before these n,
+        and query row i sees keys 0 .. starts[b] + i (its own new keys already stored) -> (B, n, H * D) float32."""
+        B, n, H, D = q.shape
+        assert q.dtype == torch.float32 and q.stride(3) == 1 and tables.dtype == starts.dtype == torch.int32
+        assert tables.is_contiguous() and starts.is_contiguous() and D == pool.head_dim and H % pool.kv_heads == 0
+        k, v, ks, vs = pool.pointers(layer)
+        out = torch.empty(B, n, H * D)
+        args = (pool.code, pool.kv_heads, D, pool.num_blocks, tables.data_ptr(), tables.shape[1])
+        if n == 1:
+            q = q.reshape(B, H * D).contiguous()
+            lengths = (starts + 1).to(torch.int32)
+            self.lib.attention_paged_decode(q.data_ptr(), B, H, k, v, ks, vs, *args, lengths.data_ptr(), D ** -0.5,
+                                            out.data_ptr(), torch.get_num_threads())
+        else:
+            assert D % 16 == 0 and D <= 128
+            strides = torch.tensor(q.stride()[:3], dtype=torch.int64)
+            self.lib.attention_paged(q.data_ptr(), strides.data_ptr(), B, n, H, k, v, ks, vs, *args,
+                                     starts.data_ptr(), D ** -0.5, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def decode_layer(self, layer: DecodeLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool,
+                     index: int, tables: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """One decoder layer for M <= 16 rows decoding one token each, in place on x (M, D) float32 (returned): row m
+        holds held[m] (int32) keys of layer `index` in `pool` (a kv.KVPool) through its block table, tables (M, T)
+        int32; its new key and value are written at position held[m] (the block must be in its table). cos, sin
+        (M, hd) float32 for each row's position."""
+        M = x.shape[0]
+        assert x.dtype == cos.dtype == sin.dtype == torch.float32 and x.is_contiguous() and M <= 16
+        assert cos.is_contiguous() and sin.is_contiguous() and tables.dtype == held.dtype == torch.int32
+        assert tables.is_contiguous() and held.is_contiguous() and tables.shape[0] == held.shape[0] == M
+        self.lib.decode_layer(ctypes.byref(layer), x.data_ptr(), M, cos.data_ptr(), sin.data_ptr(),
+                              *pool.pointers(index), pool.code, pool.num_blocks, tables.data_ptr(), tables.shape[1],
+                              held.data_ptr(), torch.get_num_threads())
+        return x
+
+    def kv_write(self, pool, layer: int, block: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One token's key and value (Hkv, D) float32 into the pool, as the native decode layer stores them."""
+        assert k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+        self.lib.kv_write(*pool.pointers(layer), pool.code, pool.kv_heads, pool.head_dim, pool.num_blocks, block,
+                          slot, k.data_ptr(), v.data_ptr())
 
     def vit_attention_bf16(self, qkv: torch.Tensor, segment: int) -> torch.Tensor:
         """Softmax attention within consecutive segments of `segment` rows: qkv (N, 3, H, D) bf16 (q and k rotated)

@@ -44,6 +44,9 @@
 #endif
 
 #define QK_MAX_M 16
+#define QK_ENOMEM 12  /* what a kernel that allocates returns when an allocation fails (0: done); as errno's ENOMEM */
+#define KV_BLOCK 16  /* tokens per block of the KV pool (qwen2vl/kv.py) */
+enum { KV_F32 = 0, KV_F16 = 1, KV_U8 = 2 };  /* the pool's storage formats */
 
 /* ------------------------------------------------------------------------------------------------------------
    Scalar helpers
@@ -129,6 +132,15 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
     return sum16(acc);
 }
 
+static inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+
+#define ATT_BK 64  /* keys per block of the flash attention */
+
+/* Portable helpers that micro_generic.h's fallbacks share with this file (defined below). */
+static void dequant_tile(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
+                         int R, void *out, int bf16);
+static inline const float *kv_floats(const void *src, int fmt, int n, float *buf);
+
 /* ------------------------------------------------------------------------------------------------------------
    The ISA's microkernels: q4x16_block (or q4x16_tile for up to QK_TILE_ROWS rows, which q4x16_block below runs)
    and q8x16_block (one 16-row block of a decode-sized matmul), and where it
@@ -143,9 +155,8 @@ static inline float dot_c(const float *a, const float *b, int n) {  /* n % 16 ==
 #include "micro_avx2.h"
 #elif defined(QK_ISA_NEON)
 #include "micro_neon.h"
-#else
-#include "micro_generic.h"
 #endif
+#include "micro_generic.h"  /* the portable form of every microkernel the ISA's header does not define */
 
 const char *kernels_isa(void) { return QK_ISA_NAME; }
 
@@ -178,19 +189,6 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
    Decode-sized matmuls: each thread takes a contiguous share of row blocks and streams their bytes in order.
    ------------------------------------------------------------------------------------------------------------ */
 
-#ifndef QK_HAVE_QUANTIZE_GROUP
-/* 128 activations -> int16 rounded to nearest (even), their scale (max |v| / 32767) and the sum of the int16s. */
-static void quantize_group(const float *v, int16_t *q, float *scale, float *sum) {
-    float mx = 0.f;
-    for (int i = 0; i < 128; i++) mx = fmaxf(mx, fabsf(v[i]));
-    const float s = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / s;
-    int total = 0;
-    for (int i = 0; i < 128; i++) { q[i] = (int16_t)lrintf(v[i] * inv); total += q[i]; }
-    *scale = s;
-    *sum = (float)total;
-}
-#endif
-
 /* x (M, K) -> xq (M, K) int16, scales xs (M, K/128) and integer sums xsum (M, K/128). */
 static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, float *xsum) {
     for (int m = 0; m < M; m++)
@@ -201,25 +199,31 @@ static void quantize_x(const float *x, int M, int K, int16_t *xq, float *xs, flo
 
 typedef struct { int16_t *q; float *s, *sum; } xquant_t;  /* quantize_x's three outputs */
 
-static xquant_t xquant_alloc(int M, int K) {
-    xquant_t r = {aligned_alloc(64, (sizeof(int16_t) * (size_t)M * K + 127) / 64 * 64),
-                  malloc(sizeof(float) * M * (K / 128)), malloc(sizeof(float) * M * (K / 128))};
-    return r;
-}
-
-static xquant_t xquant(const float *x, int M, int K) {
-    xquant_t r = xquant_alloc(M, K);
-    quantize_x(x, M, K, r.q, r.s, r.sum);
-    return r;
-}
-
 static void xquant_free(xquant_t *r) { free(r->q); free(r->s); free(r->sum); }
 
+/* The buffers for M rows of K; 0 (all NULL) if an allocation fails. */
+static int xquant_alloc(int M, int K, xquant_t *r) {
+    r->q = aligned_alloc(64, (sizeof(int16_t) * (size_t)M * K + 127) / 64 * 64);
+    r->s = malloc(sizeof(float) * M * (K / 128));
+    r->sum = malloc(sizeof(float) * M * (K / 128));
+    if (r->q && r->s && r->sum) return 1;
+    xquant_free(r);
+    r->q = NULL, r->s = r->sum = NULL;
+    return 0;
+}
+
+static int xquant(const float *x, int M, int K, xquant_t *r) {
+    if (!xquant_alloc(M, K, r)) return 0;
+    quantize_x(x, M, K, r->q, r->s, r->sum);
+    return 1;
+}
+
 /* y (M, N) = x (M, K) W^T for the q4x16 layout; K % 128 == 0, N % 16 == 0, M <= 16. */
-void q4x16_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint16_t *scale, const uint8_t *zero,
-                float *y, int threads) {
+int q4x16_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uint16_t *scale, const uint8_t *zero,
+               float *y, int threads) {
     const int G = K / 128;
-    xquant_t q = xquant(x, M, K);
+    xquant_t q;
+    if (!xquant(x, M, K, &q)) return QK_ENOMEM;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int blk = 0; blk < N / 16; blk++) {
         float out[16 * QK_MAX_M];
@@ -228,11 +232,13 @@ void q4x16_gemv(const float *x, int M, int K, int N, const uint8_t *w, const uin
         for (int m = 0; m < M; m++) memcpy(y + (size_t)m * N + blk * 16, out + m * 16, sizeof(float) * 16);
     }
     xquant_free(&q);
+    return 0;
 }
 
 /* y (M, N) = x (M, K) W^T for the q8x16 layout; K % 128 == 0, N % 16 == 0, M <= 16. */
-void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const float *scale, float *y, int threads) {
-    xquant_t q = xquant(x, M, K);
+int q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const float *scale, float *y, int threads) {
+    xquant_t q;
+    if (!xquant(x, M, K, &q)) return QK_ENOMEM;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int blk = 0; blk < N / 16; blk++) {
         float out[16 * QK_MAX_M];
@@ -241,6 +247,7 @@ void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const floa
             for (int r = 0; r < 16; r++) y[(size_t)m * N + blk * 16 + r] = out[m * 16 + r] * scale[blk * 16 + r];
     }
     xquant_free(&q);
+    return 0;
 }
 
 /* y (M, N) float32 (row stride ldy) = x W^T for the q4x16 layout with q4x16_gemv's arithmetic (activations rounded
@@ -250,10 +257,11 @@ void q8x16_gemv(const float *x, int M, int K, int N, const int8_t *w, const floa
    rows m0..m0+15 get exactly q4x16_gemv's results for those rows. */
 #define GEMM16_BLOCKS 4
 
-void q4x16_gemm_i16(const float *x, int M, int K, int ld, int kind, int N, const uint8_t *w, const uint16_t *scale,
-                    const uint8_t *zero, float *y, int ldy, int threads) {
+int q4x16_gemm_i16(const float *x, int M, int K, int ld, int kind, int N, const uint8_t *w, const uint16_t *scale,
+                   const uint8_t *zero, float *y, int ldy, int threads) {
     const int G = K / 128, B = N / 16, C = (B + GEMM16_BLOCKS - 1) / GEMM16_BLOCKS;
-    xquant_t q = xquant_alloc(M, K);
+    xquant_t q;
+    if (!xquant_alloc(M, K, &q)) return QK_ENOMEM;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
@@ -278,24 +286,12 @@ void q4x16_gemm_i16(const float *x, int M, int K, int ld, int kind, int N, const
         }
     }
     xquant_free(&q);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
    Prefill-sized matmuls on int8 activations (see the header comment)
    ------------------------------------------------------------------------------------------------------------ */
-
-#ifndef QK_HAVE_QUANTIZE32
-/* 32 activations -> int8 rounded to nearest (even) with scale *s = max |v| / 127; returns the int8s' sum. */
-static int quantize32(const float *v, int8_t *q, float *s) {
-    float mx = 0.f;
-    for (int i = 0; i < 32; i++) mx = fmaxf(mx, fabsf(v[i]));
-    *s = mx > 0.f ? mx / 127.f : 1.f;
-    const float inv = 1.f / *s;
-    int sum = 0;
-    for (int i = 0; i < 32; i++) { q[i] = (int8_t)rintf(v[i] * inv); sum += q[i]; }
-    return sum;
-}
-#endif
 
 /* x (M, K) -> xq (M, K) int8 rounded to nearest per group of 32 (scale xs = max |v| / 127), xs (M, K/32) and
    xsum (M, K/128): each group of 128's dequantized values summed. kind: 0 float32 rows of stride ld, 1 bfloat16,
@@ -321,61 +317,25 @@ void act_quant_i8(const void *x, int M, int K, int ld, int kind, int8_t *xq, flo
     }
 }
 
-#ifndef QK_HAVE_LANES
-/* One 16-row block of q4x16 (w at its first group, G groups) -> its lanes t (K/4 steps of 64 bytes). */
-static void q4x16_lanes(const uint8_t *w, int G, uint8_t *t) {
-    for (int g = 0; g < G; g++)
-        for (int p = 0; p < 32; p++)
-            for (int r = 0; r < 16; r++)
-                for (int h = 0; h < 2; h++) {
-                    const uint8_t b = w[(size_t)g * 1024 + 32 * p + 2 * r + h];
-                    const int k = g * 128 + 2 * p + h;  /* and k + 64 in the high nibble */
-                    t[(size_t)(k / 4) * 64 + 4 * r + k % 4] = b & 15;
-                    t[(size_t)((k + 64) / 4) * 64 + 4 * r + k % 4] = b >> 4;
-                }
-}
-#endif
-
-#ifndef QK_HAVE_Q4I8_TILE
-#define GEMM_MT 8
-
-/* out rows m < M (stride ldo) of 16 values = x_m W^T for one 16-row block's lanes t (the portable reference): per
-   group of 32 the exact integer dot a, f += a * xs; per group of 128 out += (f - zero * xsum) * scale. */
-static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *zero, int G, const int8_t *xq,
-                      const float *xs, const float *xsum, int M, int K, float *out, int ldo) {
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < 16; r++) {
-            float o = 0.f;
-            for (int g = 0; g < G; g++) {
-                float f = 0.f;
-                for (int a = 0; a < 4; a++) {
-                    const int k0 = g * 128 + 32 * a;
-                    int32_t acc = 0;
-                    for (int k = k0; k < k0 + 32; k++) acc += (int32_t)t[(size_t)(k / 4) * 64 + 4 * r + k % 4] *
-                                                              xq[(size_t)m * K + k];
-                    f = MADD((float)acc, xs[(size_t)m * (K / 32) + 4 * g + a], f);
-                }
-                const float d = MADD(-(float)zero[g * 16 + r], xsum[(size_t)m * G + g], f);
-                o = MADD(d, half_to_float(scale[g * 16 + r]), o);
-            }
-            out[(size_t)m * ldo + r] = o;
-        }
-}
-#endif
-
 #define GEMM_BLOCKS 4  /* 16-row blocks unpacked together: each input tile is reused from L1 across them */
 
 /* y (M, N) float32 (row stride ldy) = x W^T from act_quant_i8's xq, xs, xsum and the q4x16 layout; K % 128 == 0,
    N % 16 == 0. Work items are 64 output rows: their lanes are unpacked once into a per-thread buffer, then every
    tile of input rows runs against them. */
-void q4x16_gemm_i8(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int N, const uint8_t *w,
-                   const uint16_t *scale, const uint8_t *zero, float *y, int ldy, int threads) {
+int q4x16_gemm_i8(const int8_t *xq, const float *xs, const float *xsum, int M, int K, int N, const uint8_t *w,
+                  const uint16_t *scale, const uint8_t *zero, float *y, int ldy, int threads) {
     const int G = K / 128, B = N / 16, C = (B + GEMM_BLOCKS - 1) / GEMM_BLOCKS;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         uint8_t *t = aligned_alloc(64, (size_t)K * 16 * GEMM_BLOCKS);
+        if (!t) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int c = 0; c < C; c++) {
+            if (!t) continue;
             const int b0 = c * GEMM_BLOCKS, nb = B - b0 < GEMM_BLOCKS ? B - b0 : GEMM_BLOCKS;
             for (int b = 0; b < nb; b++) q4x16_lanes(w + (size_t)(b0 + b) * G * 1024, G, t + (size_t)b * K * 16);
             for (int m0 = 0; m0 < M; m0 += GEMM_MT) {
@@ -388,6 +348,7 @@ void q4x16_gemm_i8(const int8_t *xq, const float *xs, const float *xsum, int M, 
         }
         free(t);
     }
+    return failed ? QK_ENOMEM : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -423,13 +384,6 @@ static void dequant_tile(const uint8_t *w, const uint16_t *scale, const uint8_t 
         else memcpy((float *)out + o, t[j], sizeof(float) * R);
     }
 }
-
-#ifndef QK_HAVE_TILE64
-static void dequant_tile64(const uint8_t *w, const uint16_t *scale, const uint8_t *zero, int N, int G, int g, int n0,
-                           void *out, int bf16) {
-    dequant_tile(w, scale, zero, N, G, g, n0, 64, out, bf16);
-}
-#endif
 
 /* Wt (K, N) float32 or bfloat16 = W^T from the q4x16 layout: the right operand oneDNN's matmuls take fastest at
    prefill sizes. Work items are (group, 64 rows), group-major. */
@@ -571,6 +525,267 @@ void silu_mul_bf16(const uint16_t *h, int M, int I, uint16_t *out, int threads) 
 }
 
 /* ------------------------------------------------------------------------------------------------------------
+   Attention over the KV pool (qwen2vl/kv.py). Per layer and kv head, keys are stored in blocks of KV_BLOCK tokens
+   as (Hkv, blocks, D, KV_BLOCK): transposed within a block, so that one query element multiplies KV_BLOCK keys at a
+   time; values as (Hkv, blocks, KV_BLOCK, D). A head's consecutive blocks are adjacent, so a sequence whose blocks
+   were taken in order reads its keys as one stream. Storage: float32, float16, or uint8 levels with a (scale, zero)
+   per token and kv head ((Hkv, blocks, KV_BLOCK, 2) floats: value = level * scale + zero). A sequence's keys are
+   read through its block table. Compute is float32.
+   ------------------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const void *k, *v;  /* this layer's blocks */
+    const float *ks, *vs;  /* uint8: each token's (scale, zero); else NULL */
+    int fmt, Hkv, D, nb;  /* nb: blocks per head */
+} kv_pool_t;
+
+/* The index of block `block` of kv head g among the layer's (Hkv x nb) blocks. */
+static inline size_t kv_at(const kv_pool_t *P, int block, int g) { return (size_t)g * P->nb + block; }
+
+/* float -> IEEE half, rounded to nearest even (as torch's .half()); overflow to inf. */
+static inline uint16_t float_to_half(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0));  /* inf, NaN */
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* rounds past 65504 */
+    if (a < 0x38800000u) {  /* a subnormal half (or zero): m * 2^-24, rounded to nearest even by the FPU */
+        float x;
+        memcpy(&x, &a, 4);
+        return (uint16_t)(sign | (uint32_t)rintf(x * 16777216.f));
+    }
+    const uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);  /* round the 13 dropped bits to nearest even */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+/* n values of the pool (block-contiguous) as float32, uint8 levels unscaled: `src` itself for float32. */
+static inline const float *kv_floats(const void *src, int fmt, int n, float *buf) {
+    if (fmt == KV_F32) return (const float *)src;
+    if (fmt == KV_F16) half_row((const uint16_t *)src, n, buf);
+    else for (int i = 0; i < n; i++) buf[i] = (float)((const uint8_t *)src)[i];
+    return buf;
+}
+
+/* Write one token's key and value (Hkv x D floats each) at slot `slot` of block `block`. */
+static void kv_store(const kv_pool_t *P, int block, int slot, const float *k, const float *v) {
+    const int D = P->D;
+    for (int g = 0; g < P->Hkv; g++) {
+        const size_t kb = kv_at(P, block, g) * D * KV_BLOCK, vb = kb + (size_t)slot * D;
+        const float *kg = k + (size_t)g * D, *vg = v + (size_t)g * D;
+        float klo = 0.f, kscale = 1.f, vlo = 0.f, vscale = 1.f;
+        if (P->fmt == KV_U8) {  /* per token and head: zero = the minimum, scale = range / 255 */
+            float khi = kg[0], vhi = vg[0];
+            klo = kg[0], vlo = vg[0];
+            for (int d = 1; d < D; d++) {
+                klo = kg[d] < klo ? kg[d] : klo, khi = kg[d] > khi ? kg[d] : khi;
+                vlo = vg[d] < vlo ? vg[d] : vlo, vhi = vg[d] > vhi ? vg[d] : vhi;
+            }
+            kscale = (khi - klo) / 255.f, vscale = (vhi - vlo) / 255.f;
+            kscale = kscale > 1e-30f ? kscale : 1e-30f, vscale = vscale > 1e-30f ? vscale : 1e-30f;
+            const size_t s = (kv_at(P, block, g) * KV_BLOCK + slot) * 2;
+            ((float *)P->ks)[s] = kscale, ((float *)P->ks)[s + 1] = klo;
+            ((float *)P->vs)[s] = vscale, ((float *)P->vs)[s + 1] = vlo;
+        }
+        for (int d = 0; d < D; d++) {
+            const size_t ki = kb + (size_t)d * KV_BLOCK + slot;
+            if (P->fmt == KV_F32) ((float *)P->k)[ki] = kg[d], ((float *)P->v)[vb + d] = vg[d];
+            else if (P->fmt == KV_F16)
+                ((uint16_t *)P->k)[ki] = float_to_half(kg[d]), ((uint16_t *)P->v)[vb + d] = float_to_half(vg[d]);
+            else {
+                const float qk = rintf((kg[d] - klo) / kscale), qv = rintf((vg[d] - vlo) / vscale);
+                ((uint8_t *)P->k)[ki] = (uint8_t)(qk < 0.f ? 0.f : qk > 255.f ? 255.f : qk);
+                ((uint8_t *)P->v)[vb + d] = (uint8_t)(qv < 0.f ? 0.f : qv > 255.f ? 255.f : qv);
+            }
+        }
+    }
+}
+
+/* No software prefetch of the next block: the pool's blocks are taken in order (kv.py), so the hardware's prefetcher
+   follows them, and requesting a whole block ahead measured slower. */
+
+/* sc[i][t] = q_i . k_t for G query heads (G x D floats) and one block's KV_BLOCK keys at kb (D x KV_BLOCK values in
+   `fmt`; uint8 levels unscaled); buf: D x KV_BLOCK floats of scratch. The microkernel for each storage format. */
+static void kv_scores(const float *q, int G, const void *kb, int fmt, int D, float sc[][KV_BLOCK], float *buf) {
+    if (fmt == KV_F16) kv_scores_fmt(q, G, (const char *)kb, D, sc, buf, KV_F16);
+    else if (fmt == KV_U8) kv_scores_fmt(q, G, (const char *)kb, D, sc, buf, KV_U8);
+    else kv_scores_fmt(q, G, (const char *)kb, D, sc, buf, KV_F32);
+}
+
+/* o_i += sum_t w[i][t] v_t for G heads (o: G x D floats) over the first nt of one block's values at vb (KV_BLOCK x D
+   values in `fmt`; slots past nt are unwritten, possibly not even numbers). */
+static void kv_pv(const float w[][KV_BLOCK], int G, const void *vb, int fmt, int nt, int D, float *o, float *buf) {
+    if (fmt == KV_F16) kv_pv_fmt(w, G, (const char *)vb, nt, D, o, buf, KV_F16);
+    else if (fmt == KV_U8) kv_pv_fmt(w, G, (const char *)vb, nt, D, o, buf, KV_U8);
+    else kv_pv_fmt(w, G, (const char *)vb, nt, D, o, buf, KV_F32);
+}
+
+/* One (row, kv head, part) of the decode attention: G query heads q (scaled) over keys [j0, j1) blocks of `table`
+   (n valid keys in all, from block j0 on): the part's max m, sum l and unnormalized output o (G x D). sc: G x
+   (j1 - j0) x KV_BLOCK floats of scratch; kb, vb: D x KV_BLOCK each. */
+/* A thread's scratch of at least n floats, kept for the thread's next call (the decode attention's scores of a long
+   row are hundreds of KB: allocated on every call, each call would map and fault them in afresh); NULL if out of
+   memory. */
+static float *thread_scratch(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t have;
+    if (n > have) {
+        free(buf);
+        buf = malloc(sizeof(float) * n);
+        have = buf ? n : 0;
+    }
+    return buf;
+}
+
+static void kv_attend_part(const kv_pool_t *P, const float *q, int G, int g, const int32_t *table, int j0, int j1,
+                           int n, float *sc, float *kb, float *vb, float *m, float *l, float *o) {
+    const int D = P->D, S = (j1 - j0) * KV_BLOCK, per = D * KV_BLOCK, u8 = P->fmt == KV_U8;
+    const size_t esz = P->fmt == KV_F32 ? 4 : P->fmt == KV_F16 ? 2 : 1;
+    float qsum[64];
+    for (int i = 0; i < G; i++) {
+        float s = 0.f;
+        for (int d = 0; d < D; d++) s += q[(size_t)i * D + d];
+        qsum[i] = s;
+    }
+    float lane[64][KV_BLOCK];
+    for (int i = 0; i < G; i++)
+        for (int t = 0; t < KV_BLOCK; t++) lane[i][t] = -INFINITY;
+    for (int j = j0; j < j1; j++) {
+        const size_t at = kv_at(P, table[j], g) * per;
+        float blk[64][KV_BLOCK];
+        kv_scores(q, G, (const char *)P->k + at * esz, P->fmt, D, blk, kb);
+        const int key0 = (j - j0) * KV_BLOCK, live = n - key0 < KV_BLOCK ? n - key0 : KV_BLOCK;
+        if (u8) {
+            const float *s = P->ks + kv_at(P, table[j], g) * KV_BLOCK * 2;
+            for (int i = 0; i < G; i++)
+                for (int t = 0; t < KV_BLOCK; t++) blk[i][t] = MADD(blk[i][t], s[2 * t], s[2 * t + 1] * qsum[i]);
+        }
+        for (int i = 0; i < G; i++) {  /* 16 lanes of running maxima, the unwritten slots masked */
+            float *x = sc + (size_t)i * S + key0;
+            for (int t = 0; t < KV_BLOCK; t++) {
+                x[t] = t < live ? blk[i][t] : -INFINITY;
+                lane[i][t] = x[t] > lane[i][t] ? x[t] : lane[i][t];
+            }
+        }
+    }
+    for (int i = 0; i < G; i++) {
+        float *x = sc + (size_t)i * S, mx = -INFINITY;
+        for (int t = 0; t < KV_BLOCK; t++) mx = lane[i][t] > mx ? lane[i][t] : mx;
+        m[i] = mx;
+        l[i] = exp_row(x, n, mx);
+        for (int k = n; k < S; k++) x[k] = 0.f;
+    }
+    for (int i = 0; i < G * D; i++) o[i] = 0.f;
+    float zsum[64] = {0};
+    for (int j = j0; j < j1; j++) {
+        const size_t at = kv_at(P, table[j], g) * per;
+        float w[64][KV_BLOCK];
+        const int nt = n - (j - j0) * KV_BLOCK < KV_BLOCK ? n - (j - j0) * KV_BLOCK : KV_BLOCK;  /* written slots */
+        for (int i = 0; i < G; i++) memcpy(w[i], sc + (size_t)i * S + (j - j0) * KV_BLOCK, sizeof(float) * KV_BLOCK);
+        if (u8) {
+            const float *s = P->vs + kv_at(P, table[j], g) * KV_BLOCK * 2;
+            for (int i = 0; i < G; i++)
+                for (int t = 0; t < nt; t++) {
+                    zsum[i] = MADD(w[i][t], s[2 * t + 1], zsum[i]);
+                    w[i][t] *= s[2 * t];
+                }
+        }
+        kv_pv(w, G, (const char *)P->v + at * esz, P->fmt, nt, D, o, vb);
+    }
+    if (u8)
+        for (int i = 0; i < G; i++)
+            for (int d = 0; d < D; d++) o[(size_t)i * D + d] += zsum[i];
+}
+
+/* Softmax attention of one new token per row over the row's keys in the pool: q (B, H, D) float32 (multiplied by
+   `scale` first), out (B, H, D); row b holds len[b] keys (its new one included) in the blocks table[b * T ...].
+   Query head h reads kv head h / (H / Hkv). Work items are (row, kv head, part of the keys): each part's softmax
+   partials are combined at the end (flash-decoding), so that a single long row keeps every thread busy.
+   H / Hkv <= 64. */
+static int kv_decode_attention(const kv_pool_t *P, const float *q, int B, int H, const int32_t *table, int T,
+                               const int32_t *len, float scale, float *out, int threads) {
+    const int Hkv = P->Hkv, D = P->D, G = H / Hkv;
+    int nb = 1;
+    for (int b = 0; b < B; b++) nb = (len[b] + KV_BLOCK - 1) / KV_BLOCK > nb ? (len[b] + KV_BLOCK - 1) / KV_BLOCK : nb;
+    int parts = (2 * threads + B * Hkv - 1) / (B * Hkv);  /* about two items per thread, parts of >= 8 blocks */
+    parts = parts > nb / 8 ? (nb / 8 > 1 ? nb / 8 : 1) : parts;
+    const int items = B * Hkv * parts;
+    float *pm = malloc(sizeof(float) * (size_t)items * G), *pl = malloc(sizeof(float) * (size_t)items * G);
+    float *po = malloc(sizeof(float) * (size_t)items * G * D), *qs = malloc(sizeof(float) * (size_t)B * H * D);
+    int failed = !(pm && pl && po && qs);
+    if (failed) {
+        free(pm); free(pl); free(po); free(qs);
+        return QK_ENOMEM;
+    }
+    for (size_t i = 0; i < (size_t)B * H * D; i++) qs[i] = q[i] * scale;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int span = (nb + parts - 1) / parts;
+        float *sc = thread_scratch((size_t)G * span * KV_BLOCK + (size_t)D * KV_BLOCK * 2);
+        float *kb = sc ? sc + (size_t)G * span * KV_BLOCK : NULL, *vb = kb ? kb + (size_t)D * KV_BLOCK : NULL;
+        if (!sc || !kb) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < items; w++) {
+            if (!sc || !kb) continue;
+            const int b = w / (Hkv * parts), g = w / parts % Hkv, p = w % parts;
+            const int rb = (len[b] + KV_BLOCK - 1) / KV_BLOCK, j0 = (int)((long)rb * p / parts),
+                      j1 = (int)((long)rb * (p + 1) / parts);
+            const int n = len[b] - j0 * KV_BLOCK < (j1 - j0) * KV_BLOCK ? len[b] - j0 * KV_BLOCK : (j1 - j0) * KV_BLOCK;
+            if (j1 <= j0) {
+                for (int i = 0; i < G; i++) pm[(size_t)w * G + i] = -INFINITY, pl[(size_t)w * G + i] = 0.f;
+                continue;
+            }
+            kv_attend_part(P, qs + ((size_t)b * H + (size_t)g * G) * D, G, g, table + (size_t)b * T, j0, j1, n, sc,
+                           kb, vb, pm + (size_t)w * G, pl + (size_t)w * G, po + (size_t)w * G * D);
+        }
+    }
+    for (int b = 0; b < B && !failed; b++)
+        for (int h = 0; h < H; h++) {
+            const int g = h / G, i = h % G;
+            float mx = -INFINITY, sum = 0.f, *y = out + ((size_t)b * H + h) * D;
+            for (int p = 0; p < parts; p++) {
+                const float v = pm[((size_t)(b * Hkv + g) * parts + p) * G + i];
+                mx = v > mx ? v : mx;
+            }
+            for (int d = 0; d < D; d++) y[d] = 0.f;
+            for (int p = 0; p < parts; p++) {
+                const size_t w = (size_t)(b * Hkv + g) * parts + p;
+                if (pl[w * G + i] == 0.f) continue;
+                const float f = exp_c(pm[w * G + i] - mx);
+                sum += pl[w * G + i] * f;
+                for (int d = 0; d < D; d++) y[d] = MADD(po[(w * G + i) * D + d], f, y[d]);
+            }
+            for (int d = 0; d < D; d++) y[d] /= sum;
+        }
+    free(pm); free(pl); free(po); free(qs);
+    return failed ? QK_ENOMEM : 0;
+}
+
+/* The pool of one layer, from its tensors' addresses (fmt: KV_F32, KV_F16 or KV_U8). */
+static kv_pool_t kv_pool(const void *k, const void *v, const float *ks, const float *vs, int fmt, int Hkv, int D,
+                         int nb) {
+    kv_pool_t P = {k, v, ks, vs, fmt, Hkv, D, nb};
+    return P;
+}
+
+/* One token's key and value (Hkv x D floats each) into slot `slot` of block `block` of one layer's pool, as the
+   decode layer writes them. */
+void kv_write(void *k, void *v, float *ks, float *vs, int fmt, int Hkv, int D, int nb, int block, int slot,
+              const float *key, const float *value) {
+    const kv_pool_t P = kv_pool(k, v, ks, vs, fmt, Hkv, D, nb);
+    kv_store(&P, block, slot, key, value);
+}
+
+int attention_paged_decode(const float *q, int B, int H, const void *k, const void *v, const float *ks,
+                            const float *vs, int fmt, int Hkv, int D, int nb, const int32_t *table, int T,
+                            const int32_t *len, float scale, float *out, int threads) {
+    const kv_pool_t P = kv_pool(k, v, ks, vs, fmt, Hkv, D, nb);
+    return kv_decode_attention(&P, q, B, H, table, T, len, scale, out, threads);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
    One decoder layer for one token (batch 1, decoding), in one call: the ~40 torch ops of a Qwen2 decoder layer for
    a single row cost ~0.4 ms per layer in dispatch alone. The same steps in the same order, in float32: RMSNorm, the
    fused q/k/v q4x16 matmul + bias, rotary, the K/V cache write, attention over the cache, o_proj, residual, RMSNorm,
@@ -603,37 +818,24 @@ void rms_norm(const float *x, const float *w, int M, int D, float eps, float *y,
     for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, w, D, eps, y + (size_t)m * D);
 }
 
-/* Softmax attention of one query head q over S cached positions k, v (S, hd) -> out (hd,); p: S floats of scratch. */
-static void attend(const float *q, const float *k, const float *v, int S, int hd, float scale, float *p,
-                   float *out) {
-    float mx = -INFINITY, sum = 0.f;
-    for (int t = 0; t < S; t++) { p[t] = dot_c(q, k + (size_t)t * hd, hd) * scale; mx = p[t] > mx ? p[t] : mx; }
-    for (int t = 0; t < S; t++) p[t] = exp_c(p[t] - mx);
-    for (int t = 0; t < S; t++) sum += p[t];
-    for (int d = 0; d < hd; d++) out[d] = 0.f;
-    for (int t = 0; t < S; t++) {
-        const float wt = p[t] / sum;
-        const float *vt = v + (size_t)t * hd;
-        for (int d = 0; d < hd; d++) out[d] += wt * vt[d];
-    }
-}
-
 /* x (M, D) float32 in place, M <= 16 rows (sequences) decoding one token each; cos, sin (M, hd) for each row's
-   position (sin sign-folded); kc, vc this layer's cache (M, Hkv, cap, hd), `pos` positions filled (each row's k, v
-   are written at pos). Row m attends to its keys start[m]..pos (left padding before start[m]; start NULL: all from 0).
-   hd % 16 == 0, hd <= 512. The matmuls read each weight once for all M rows. */
-void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, const float *sin, float *kc,
-                  float *vc, int cap, int pos, const int *start, int threads) {
-    const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, S = pos + 1;
+   position (sin sign-folded). Row m holds held[m] keys in this layer's pool (k, v, ks, vs in `fmt`, see kv_pool_t)
+   through its block table table[m * T ...]: its new key and value are written at position held[m], then it attends
+   to its held[m] + 1 keys. hd % 16 == 0, hd <= 512. The matmuls read each weight once for all M rows. */
+int decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, const float *sin, const void *k,
+                 const void *v, const float *ks, const float *vs, int fmt, int nb, const int32_t *table, int T,
+                 const int32_t *held, int threads) {
+    const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I;
     const int Nqkv = (H + 2 * Hkv) * hd, W = D > H * hd ? D : H * hd;
-    const size_t row_kv = (size_t)Hkv * cap * hd;  /* one sequence's cache in this layer */
-    float *a = malloc(sizeof(float) * (size_t)M * W);
-    float *qkv = malloc(sizeof(float) * (size_t)M * Nqkv), *o = malloc(sizeof(float) * (size_t)M * D);
-    float *att = malloc(sizeof(float) * (size_t)M * H * hd), *sc = malloc(sizeof(float) * (size_t)M * H * S);
-    float *gu = malloc(sizeof(float) * 2 * (size_t)M * I);
-    for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln1, D, L->eps, a + (size_t)m * D);
-    q4x16_gemv(a, M, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
-    for (int m = 0; m < M; m++) {
+    const kv_pool_t P = kv_pool(k, v, ks, vs, fmt, Hkv, hd, nb);
+    float *a = malloc(sizeof(float) * (size_t)M * W), *qkv = malloc(sizeof(float) * (size_t)M * Nqkv);
+    float *o = malloc(sizeof(float) * (size_t)M * D), *att = malloc(sizeof(float) * (size_t)M * H * hd);
+    float *q = malloc(sizeof(float) * (size_t)M * H * hd), *gu = malloc(sizeof(float) * 2 * (size_t)M * I);
+    int32_t *len = malloc(sizeof(int32_t) * M);
+    int rc = a && qkv && o && att && q && gu && len ? 0 : QK_ENOMEM;
+    for (int m = 0; m < M && !rc; m++) rms_norm_row(x + (size_t)m * D, L->ln1, D, L->eps, a + (size_t)m * D);
+    if (!rc) rc = q4x16_gemv(a, M, D, Nqkv, L->qkv_w, L->qkv_s, L->qkv_z, qkv, threads);
+    for (int m = 0; m < M && !rc; m++) {
         float *r = qkv + (size_t)m * Nqkv;
         for (int i = 0; i < Nqkv; i++) r[i] += L->qkv_b[i];
         for (int h = 0; h < H + Hkv; h++) {  /* q's heads, then k's */
@@ -641,31 +843,29 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
             memcpy(t, r + (size_t)h * hd, sizeof(float) * hd);
             rotate_row(t, r + (size_t)h * hd, hd, cos + (size_t)m * hd, sin + (size_t)m * hd);
         }
-        for (int g = 0; g < Hkv; g++) {
-            memcpy(kc + m * row_kv + ((size_t)g * cap + pos) * hd, r + (size_t)(H + g) * hd, sizeof(float) * hd);
-            memcpy(vc + m * row_kv + ((size_t)g * cap + pos) * hd, r + (size_t)(H + Hkv + g) * hd,
-                   sizeof(float) * hd);
+        memcpy(q + (size_t)m * H * hd, r, sizeof(float) * H * hd);
+        kv_store(&P, table[(size_t)m * T + held[m] / KV_BLOCK], held[m] % KV_BLOCK, r + (size_t)H * hd,
+                 r + (size_t)(H + Hkv) * hd);
+        len[m] = held[m] + 1;
+    }
+    if (!rc) rc = kv_decode_attention(&P, q, M, H, table, T, len, 1.f / sqrtf((float)hd), att, threads);
+    if (!rc) rc = q4x16_gemv(att, M, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
+    if (!rc) {
+        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
+        for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln2, D, L->eps, a + (size_t)m * D);
+        rc = q4x16_gemv(a, M, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
+    }
+    if (!rc) {
+        for (int m = 0; m < M; m++) {
+            float *r = gu + (size_t)m * 2 * I, *out = gu + (size_t)m * I;  /* packed in place: row m's I products */
+            for (int i = 0; i < I; i++) { const float v = silu_c(r[i]) * r[I + i]; out[i] = v; }
         }
+        rc = q4x16_gemv(gu, M, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
     }
-    const float scale = 1.f / sqrtf((float)hd);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int mh = 0; mh < M * H; mh++) {
-        const int m = mh / H, h = mh % H, s0 = start ? start[m] : 0;
-        const size_t g = m * row_kv + ((size_t)(h / (H / Hkv)) * cap + s0) * hd;
-        attend(qkv + (size_t)m * Nqkv + (size_t)h * hd, kc + g, vc + g, S - s0, hd, scale, sc + (size_t)mh * S,
-               att + (size_t)mh * hd);
-    }
-    q4x16_gemv(att, M, H * hd, D, L->o_w, L->o_s, L->o_z, o, threads);
-    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
-    for (int m = 0; m < M; m++) rms_norm_row(x + (size_t)m * D, L->ln2, D, L->eps, a + (size_t)m * D);
-    q4x16_gemv(a, M, D, 2 * I, L->gu_w, L->gu_s, L->gu_z, gu, threads);
-    for (int m = 0; m < M; m++) {
-        float *r = gu + (size_t)m * 2 * I, *out = gu + (size_t)m * I;  /* packed in place: row m's I products */
-        for (int i = 0; i < I; i++) { const float v = silu_c(r[i]) * r[I + i]; out[i] = v; }
-    }
-    q4x16_gemv(gu, M, I, D, L->dn_w, L->dn_s, L->dn_z, o, threads);
-    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
-    free(a); free(qkv); free(o); free(att); free(sc); free(gu);
+    if (!rc)
+        for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
+    free(a); free(qkv); free(o); free(att); free(q); free(gu); free(len);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -674,116 +874,6 @@ void decode_layer(const decode_layer_t *L, float *x, int M, const float *cos, co
    run over key blocks of 64 with an online softmax in float32; in bf16, probabilities are rounded to bf16 for the P.V
    products (as bf16 flash attention does); the float32 output is normalized once at the end. D % 16 == 0, D <= 128.
    ------------------------------------------------------------------------------------------------------------ */
-#define ATT_BK 64
-
-static inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
-
-#ifndef QK_HAVE_ATTN
-static inline float pair_dot(uint32_t a, uint32_t b) {  /* a.lo * b.lo + a.hi * b.hi, as one bf16 dot step */
-    return bf16_to_float((uint16_t)a) * bf16_to_float((uint16_t)b) +
-           bf16_to_float((uint16_t)(a >> 16)) * bf16_to_float((uint16_t)(b >> 16));
-}
-
-/* sc[r][j] = q_r . k_{j0 + j} for 4 query rows (D/2 pairs each) and 64 keys of kT ([D/2][ld] pairs, at key j0). */
-static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, float sc[4][64]) {
-    for (int r = 0; r < 4; r++)
-        for (int j = 0; j < 64; j++) {
-            float a = 0.f;
-            for (int d2 = 0; d2 < D2; d2++) a += pair_dot(q[r][d2], kT[(size_t)d2 * ld + j]);
-            sc[r][j] = a;
-        }
-}
-
-/* o[r][d] = o[r][d] alpha[r] + sum over 64 keys of p[r][j] v[j][d]: pp[r] holds p as bf16 pairs, vT ([32][D]
-   pairs of keys). */
-static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, const float alpha[4],
-                         float o[4][128]) {
-    for (int r = 0; r < 4; r++)
-        for (int d = 0; d < D; d++) o[r][d] *= alpha[r];
-    for (int r = 0; r < 4; r++)
-        for (int jp = 0; jp < 32; jp++)
-            for (int d = 0; d < D; d++) o[r][d] += pair_dot(pp[r][jp], vT[(size_t)jp * D + d]);
-}
-#endif
-
-#if !defined(QK_HAVE_ATTN_SOFTMAX) || !defined(QK_HAVE_ATTN_F32)
-/* x[j] *= scale for the block's n valid keys, -inf past them; the running max m updated over them (16 lanes). */
-static inline float scaled_max(float x[ATT_BK], int n, float scale, float m) {
-    float mx16[16];
-    for (int j = 0; j < ATT_BK; j++) x[j] = j < n ? x[j] * scale : -INFINITY;
-    for (int l16 = 0; l16 < 16; l16++) mx16[l16] = m;
-    for (int j = 0; j < ATT_BK; j += 16)
-        for (int l16 = 0; l16 < 16; l16++) mx16[l16] = x[j + l16] > mx16[l16] ? x[j + l16] : mx16[l16];
-    float mx = mx16[0];
-    for (int l16 = 1; l16 < 16; l16++) mx = mx16[l16] > mx ? mx16[l16] : mx;
-    return mx;
-}
-
-#endif
-
-#ifndef QK_HAVE_ATTN_SOFTMAX
-/* The online softmax step of 4 query rows over one key block: sc (scores, n <= 64 valid) -> p = exp(sc * scale - mx)
-   rounded to bf16 (zero past n), packed in pairs into pp; m (running max) and l (running sum) updated, and alpha
-   (per row, the factor that rescales earlier sums to the new max) returned. Written in fixed-length loops, so that
-   they vectorize. */
-static void attn_softmax_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
-                              uint32_t pp[4][ATT_BK / 2], float alpha[4]) {
-    for (int r = 0; r < 4; r++) {
-        float *x = sc[r], e[ATT_BK], sum16v[16] = {0};
-        const float mx = scaled_max(x, n, scale, m[r]);
-        for (int j = 0; j < ATT_BK; j++) e[j] = round_bf16(exp_c(x[j] - mx));
-        for (int j = n; j < ATT_BK; j++) e[j] = 0.f;  /* exp_c saturates at 2^-150, not 0 */
-        for (int j = 0; j < ATT_BK; j += 16)
-            for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += e[j + l16];
-        for (int j = 0; j < ATT_BK / 2; j++) {
-            uint32_t lo, hi;
-            memcpy(&lo, &e[2 * j], 4);
-            memcpy(&hi, &e[2 * j + 1], 4);
-            pp[r][j] = (lo >> 16) | (hi & 0xFFFF0000u);  /* e is bf16-exact: its top halves */
-        }
-        alpha[r] = exp_c(m[r] - mx);
-        l[r] = l[r] * alpha[r] + sum16(sum16v);
-        m[r] = mx;
-    }
-}
-#endif
-
-#ifndef QK_HAVE_ATTN_F32
-/* sc[r][j] = q_r . k_{j0 + j} in float32 for 4 query rows of D and 64 keys of kT ([D][ld] floats, at key j0). */
-static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int D, float sc[4][ATT_BK]) {
-    for (int r = 0; r < 4; r++)
-        for (int j = 0; j < ATT_BK; j++) sc[r][j] = 0.f;
-    for (int d = 0; d < D; d++)
-        for (int r = 0; r < 4; r++)
-            for (int j = 0; j < ATT_BK; j++) sc[r][j] = MADD(q[r][d], kT[(size_t)d * ld + j], sc[r][j]);
-}
-
-/* The online softmax step in float32 (the text model's attention): as attn_softmax_4x64, p unrounded and masked
-   keys (-inf scores) exactly 0. */
-static void attn_softmax_f32_4x64(float sc[4][ATT_BK], int n, float scale, float m[4], float l[4],
-                                  float p[4][ATT_BK], float alpha[4]) {
-    for (int r = 0; r < 4; r++) {
-        float *x = sc[r], sum16v[16] = {0};
-        const float mx = scaled_max(x, n, scale, m[r]);
-        for (int j = 0; j < ATT_BK; j++) p[r][j] = x[j] == -INFINITY ? 0.f : exp_c(x[j] - mx);
-        for (int j = 0; j < ATT_BK; j += 16)
-            for (int l16 = 0; l16 < 16; l16++) sum16v[l16] += p[r][j + l16];
-        alpha[r] = exp_c(m[r] - mx);
-        l[r] = l[r] * alpha[r] + sum16(sum16v);
-        m[r] = mx;
-    }
-}
-
-/* o[r][d] = o[r][d] alpha[r] + sum over 64 keys of p[r][j] v[j][d], v float32 (64 rows of D). */
-static void attn_pv_f32_4x64(const float p[4][ATT_BK], const float *v, int D, const float alpha[4], float o[4][128]) {
-    for (int r = 0; r < 4; r++)
-        for (int d = 0; d < D; d++) o[r][d] *= alpha[r];
-    for (int r = 0; r < 4; r++)
-        for (int j = 0; j < ATT_BK; j++)
-            for (int d = 0; d < D; d++) o[r][d] = MADD(p[r][j], v[(size_t)j * D + d], o[r][d]);
-}
-#endif
-
 /* One key block (n <= 64 keys at kT, vT) for 4 query rows q: scores, the online softmax step, then o rescaled and
    o += p v. `valid` (or NULL: all n): each row's keys in this block, the rest masked (causal attention). */
 static void attn_block(const void *q[4], const void *kT, int ld, int D, int n, const int *valid, float scale,
@@ -815,82 +905,176 @@ static inline float load_f32(const void *p, size_t i, int bf16) {
 }
 
 #define ATT_QB 64  /* query rows per work item */
+#define ATT_KT 256  /* keys per tile: one kv head's packed keys and values of a tile stay in cache (256 KB in float32) */
+
+/* The flash loop over packed keys and values: per (batch, kv head) at packs + (b * Hkv + g) * per, K^T ([D/2][Sp] bf16
+   pairs, or [D][Sp] floats with f32) then V ([Sp/2][D] pairs of keys, or [Sp][D] floats), keys past S[b] zero. q's
+   and out's (batch, row, head) strides in qst, ost; batch b has S[b] keys, and with `causal` its query row i sees
+   keys 0 .. S[b] - Lq + i. */
+static int flash(const void *q, const int64_t *qst, void *out, const int64_t *ost, const uint32_t *packs, size_t per,
+                  int Sp, const int *S, int B, int Lq, int H, int Hkv, int D, int causal, int in_bf16, int out_bf16,
+                  int f32, float scale, int threads) {
+    const int D2 = D / 2, G = H / Hkv, nq = (Lq + ATT_QB - 1) / ATT_QB;
+    const size_t kn = (size_t)(f32 ? D : D2) * Sp;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        /* one work item's state: its rows' queries, outputs and softmax maxima and sums */
+        uint32_t (*qb)[128] = malloc(sizeof(uint32_t) * ATT_QB * 128);
+        float (*o)[128] = malloc(sizeof(float) * ATT_QB * 128), *m = malloc(sizeof(float) * ATT_QB * 2), *l = m + ATT_QB;
+        if (!qb || !o || !m) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < B * H * nq; w++) {
+            if (!qb || !o || !m) continue;
+            const int b = w / (H * nq), h = w / nq % H, q0 = w % nq * ATT_QB;
+            const int i1 = q0 + ATT_QB < Lq ? q0 + ATT_QB : Lq, Sb = S[b];
+            const uint32_t *kT = packs + (size_t)(b * Hkv + h / G) * per, *vT = kT + kn;
+            for (int i = q0; i < q0 + ATT_QB; i++) {  /* rows past Lq repeat row q0 (their outputs are dropped) */
+                const size_t qo = b * qst[0] + (size_t)(i < i1 ? i : q0) * qst[1] + h * qst[2];
+                if (f32)
+                    for (int d = 0; d < D; d++) ((float *)qb[i - q0])[d] = load_f32(q, qo + d, in_bf16);
+                else
+                    for (int d2 = 0; d2 < D2; d2++)
+                        qb[i - q0][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16),
+                                                   load_bf16(q, qo + 2 * d2 + 1, in_bf16));
+                memset(o[i - q0], 0, sizeof(float) * 128);
+                m[i - q0] = -INFINITY, l[i - q0] = 0.f;
+            }
+            /* keys in tiles of ATT_KT (their packed K and V stay in cache) for all rows, four rows at a time; each
+               row sees its key blocks in order, as without tiles */
+            const int last = causal ? Sb - Lq + i1 : Sb;
+            for (int t0 = 0; t0 < last; t0 += ATT_KT)
+                for (int i0 = q0; i0 < i1; i0 += 4) {
+                    const int R = i1 - i0 < 4 ? i1 - i0 : 4, r0 = i0 - q0;
+                    const void *qr[4] = {qb[r0], qb[r0 + 1], qb[r0 + 2], qb[r0 + 3]};
+                    const int end = causal ? Sb - Lq + i0 + R : Sb;  /* keys the last of these rows sees */
+                    const int te = t0 + ATT_KT < end ? t0 + ATT_KT : end;
+                    for (int j0 = t0; j0 < te; j0 += ATT_BK) {
+                        const int n = end - j0 < ATT_BK ? end - j0 : ATT_BK;
+                        int valid[4];
+                        for (int r = 0; r < 4; r++) {
+                            const int see = Sb - Lq + i0 + (r < R ? r : 0) + 1 - j0;
+                            valid[r] = see < n ? see : n;
+                        }
+                        attn_block(qr, kT + j0, Sp, D, n, causal && j0 + ATT_BK > Sb - Lq + i0 ? valid : NULL, scale,
+                                   vT + (size_t)(f32 ? j0 : j0 / 2) * D, f32, o + r0, m + r0, l + r0);
+                    }
+                }
+            for (int r = 0; r < i1 - q0; r++) {
+                const size_t oo = b * ost[0] + (size_t)(q0 + r) * ost[1] + h * ost[2];
+                for (int d = 0; d < D; d++) {
+                    const float y = o[r][d] / l[r];
+                    if (out_bf16) ((uint16_t *)out)[oo + d] = to_bf16(y);
+                    else ((float *)out)[oo + d] = y;
+                }
+            }
+        }
+        free(qb); free(o); free(m);
+    }
+    return failed ? QK_ENOMEM : 0;
+}
 
 /* out = softmax(q k^T scale) v over strided views, st[12] in elements: q's (batch, row, head) strides, then k's, v's
    (batch, key, kv head) and out's (batch, row, head); each head's D values contiguous. B batches of Lq query rows and
    S keys; query head h reads kv head h / (H / Hkv). With `causal`, query row i sees keys 0 .. S - Lq + i. q, k, v are
    float32 or bf16 (in_bf16), out float32 or bf16 (out_bf16). The products in bf16 (q, k, v and the probabilities
    rounded to bf16, float32 sums: the vision tower's), or with f32 in float32 throughout (the text model's). */
-void attention(const void *q, const void *k, const void *v, void *out, const int64_t *st, int B, int Lq, int S,
-               int H, int Hkv, int D, int causal, int in_bf16, int out_bf16, int f32, float scale, int threads) {
-    const int D2 = D / 2, Sp = (S + ATT_BK - 1) / ATT_BK * ATT_BK, G = H / Hkv, nq = (Lq + ATT_QB - 1) / ATT_QB;
+int attention(const void *q, const void *k, const void *v, void *out, const int64_t *st, int B, int Lq, int S,
+              int H, int Hkv, int D, int causal, int in_bf16, int out_bf16, int f32, float scale, int threads) {
+    const int D2 = D / 2, Sp = (S + ATT_BK - 1) / ATT_BK * ATT_BK;
     /* per kv head, in 32-bit words: K^T ([D/2][Sp] bf16 pairs or [D][Sp] floats), then V ([Sp/2][D] pairs of keys
        or [Sp][D] floats) */
     const size_t kn = (size_t)(f32 ? D : D2) * Sp, per = kn + (size_t)(f32 ? Sp : Sp / 2) * D;
     uint32_t *packs = aligned_alloc(64, (sizeof(uint32_t) * per * B * Hkv + 63) / 64 * 64);
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int bg = 0; bg < B * Hkv; bg++) {  /* pack K and V of this kv head; keys past S are zero */
-            const int b = bg / Hkv, g = bg % Hkv;
-            uint32_t *kT = packs + (size_t)bg * per, *vT = kT + kn;
-            for (int j = 0; j < Sp; j++) {
-                const size_t ko = b * st[3] + (size_t)j * st[4] + g * st[5],
-                             vo = b * st[6] + (size_t)j * st[7] + g * st[8];
-                if (f32) {
-                    for (int d = 0; d < D; d++) {
-                        ((float *)kT)[(size_t)d * Sp + j] = j < S ? load_f32(k, ko + d, in_bf16) : 0.f;
-                        ((float *)vT)[(size_t)j * D + d] = j < S ? load_f32(v, vo + d, in_bf16) : 0.f;
-                    }
-                    continue;
+    int *Sb = malloc(sizeof(int) * B);
+    if (!packs || !Sb) {
+        free(packs); free(Sb);
+        return QK_ENOMEM;
+    }
+    for (int b = 0; b < B; b++) Sb[b] = S;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int bg = 0; bg < B * Hkv; bg++) {  /* pack K and V of this kv head; keys past S are zero */
+        const int b = bg / Hkv, g = bg % Hkv;
+        uint32_t *kT = packs + (size_t)bg * per, *vT = kT + kn;
+        for (int j = 0; j < Sp; j++) {
+            const size_t ko = b * st[3] + (size_t)j * st[4] + g * st[5], vo = b * st[6] + (size_t)j * st[7] + g * st[8];
+            if (f32) {
+                for (int d = 0; d < D; d++) {
+                    ((float *)kT)[(size_t)d * Sp + j] = j < S ? load_f32(k, ko + d, in_bf16) : 0.f;
+                    ((float *)vT)[(size_t)j * D + d] = j < S ? load_f32(v, vo + d, in_bf16) : 0.f;
                 }
-                for (int d2 = 0; d2 < D2; d2++)
-                    kT[(size_t)d2 * Sp + j] = j < S ? bf16_pair(load_bf16(k, ko + 2 * d2, in_bf16),
-                                                                load_bf16(k, ko + 2 * d2 + 1, in_bf16)) : 0;
-                for (int d = 0; d < D; d++)
-                    ((uint16_t *)&vT[(size_t)(j / 2) * D + d])[j & 1] = j < S ? load_bf16(v, vo + d, in_bf16) : 0;
+                continue;
             }
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int w = 0; w < B * H * nq; w++) {
-            const int b = w / (H * nq), h = w / nq % H, i1 = (w % nq + 1) * ATT_QB < Lq ? (w % nq + 1) * ATT_QB : Lq;
-            const uint32_t *kT = packs + (size_t)(b * Hkv + h / G) * per, *vT = kT + kn;
-            for (int i0 = w % nq * ATT_QB; i0 < i1; i0 += 4) {
-                const int R = i1 - i0 < 4 ? i1 - i0 : 4;
-                uint32_t qb[4][128];  /* 4 query rows: D floats or D/2 bf16 pairs each */
-                const void *qr[4];
-                for (int r = 0; r < 4; r++) {
-                    const size_t qo = b * st[0] + (size_t)(i0 + (r < R ? r : 0)) * st[1] + h * st[2];
-                    if (f32)
-                        for (int d = 0; d < D; d++) ((float *)qb[r])[d] = load_f32(q, qo + d, in_bf16);
-                    else
-                        for (int d2 = 0; d2 < D2; d2++)
-                            qb[r][d2] = bf16_pair(load_bf16(q, qo + 2 * d2, in_bf16),
-                                                  load_bf16(q, qo + 2 * d2 + 1, in_bf16));
-                    qr[r] = qb[r];
-                }
-                float o[4][128] = {{0}}, m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, l[4] = {0};
-                const int end = causal ? S - Lq + i0 + R : S;  /* keys the last of these rows sees */
-                for (int j0 = 0; j0 < end; j0 += ATT_BK) {
-                    const int n = end - j0 < ATT_BK ? end - j0 : ATT_BK;
-                    int valid[4];
-                    for (int r = 0; r < 4; r++) {
-                        const int see = S - Lq + i0 + (r < R ? r : 0) + 1 - j0;
-                        valid[r] = see < n ? see : n;
-                    }
-                    attn_block(qr, kT + j0, Sp, D, n, causal && j0 + ATT_BK > S - Lq + i0 ? valid : NULL, scale,
-                               vT + (size_t)(f32 ? j0 : j0 / 2) * D, f32, o, m, l);
-                }
-                for (int r = 0; r < R; r++) {
-                    const size_t oo = b * st[9] + (size_t)(i0 + r) * st[10] + h * st[11];
-                    for (int d = 0; d < D; d++) {
-                        const float y = o[r][d] / l[r];
-                        if (out_bf16) ((uint16_t *)out)[oo + d] = to_bf16(y);
-                        else ((float *)out)[oo + d] = y;
-                    }
-                }
-            }
+            for (int d2 = 0; d2 < D2; d2++)
+                kT[(size_t)d2 * Sp + j] = j < S ? bf16_pair(load_bf16(k, ko + 2 * d2, in_bf16),
+                                                            load_bf16(k, ko + 2 * d2 + 1, in_bf16)) : 0;
+            for (int d = 0; d < D; d++)
+                ((uint16_t *)&vT[(size_t)(j / 2) * D + d])[j & 1] = j < S ? load_bf16(v, vo + d, in_bf16) : 0;
         }
     }
+    const int rc = flash(q, st, out, st + 9, packs, per, Sp, Sb, B, Lq, H, Hkv, D, causal, in_bf16, out_bf16, f32,
+                         scale, threads);
+    free(Sb);
     free(packs);
+    return rc;
+}
+
+/* A prompt chunk's causal attention over the KV pool (float32): q (B, Lq, H, D) with (batch, row, head) strides
+   qst[3], out (B, Lq, H, D) contiguous; row b holds start[b] keys before these Lq (its new ones already stored), in
+   the blocks table[b * T ...]; query row i sees keys 0 .. start[b] + i. Each (row, kv head)'s keys are unpacked
+   once into float32 K^T and V (the flash loop's operands). D % 16 == 0, D <= 128. */
+int attention_paged(const float *q, const int64_t *qst, int B, int Lq, int H, const void *k, const void *v,
+                    const float *ks, const float *vs, int fmt, int Hkv, int D, int nb, const int32_t *table,
+                    int T, const int32_t *start, float scale, float *out, int threads) {
+    const kv_pool_t P = kv_pool(k, v, ks, vs, fmt, Hkv, D, nb);
+    int Smax = 0, *Sb = malloc(sizeof(int) * B);
+    if (!Sb) return QK_ENOMEM;
+    for (int b = 0; b < B; b++) Sb[b] = start[b] + Lq, Smax = Sb[b] > Smax ? Sb[b] : Smax;
+    const int Sp = (Smax + ATT_BK - 1) / ATT_BK * ATT_BK, per_block = D * KV_BLOCK;
+    const size_t kn = (size_t)D * Sp, per = 2 * kn, esz = fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1;
+    uint32_t *packs = aligned_alloc(64, (sizeof(uint32_t) * per * B * Hkv + 63) / 64 * 64);
+    int failed = packs == NULL;
+    #pragma omp parallel num_threads(threads) if (!failed)
+    {
+        float *buf = malloc(sizeof(float) * per_block);
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int w = 0; w < B * Hkv * (Sp / KV_BLOCK); w++) {  /* one block of one kv head's keys and values */
+            if (!buf || !packs) continue;
+            const int j = w % (Sp / KV_BLOCK), bg = w / (Sp / KV_BLOCK), b = bg / Hkv, g = bg % Hkv;
+            float *kT = (float *)(packs + (size_t)bg * per), *vT = kT + kn;
+            const int n = Sb[b] - j * KV_BLOCK;  /* valid keys in this block */
+            if (n <= 0) {
+                for (int d = 0; d < D; d++) memset(kT + (size_t)d * Sp + j * KV_BLOCK, 0, sizeof(float) * KV_BLOCK);
+                memset(vT + (size_t)j * KV_BLOCK * D, 0, sizeof(float) * per_block);
+                continue;
+            }
+            const int32_t blk = table[(size_t)b * T + j];
+            const size_t at = kv_at(&P, blk, g) * per_block;
+            const float *kf = kv_floats((const char *)P.k + at * esz, fmt, per_block, buf);
+            const float *s = fmt == KV_U8 ? P.ks + kv_at(&P, blk, g) * KV_BLOCK * 2 : NULL;
+            for (int d = 0; d < D; d++)
+                for (int t = 0; t < KV_BLOCK; t++)
+                    kT[(size_t)d * Sp + j * KV_BLOCK + t] = t >= n ? 0.f : s ? MADD(kf[d * KV_BLOCK + t], s[2 * t],
+                                                                                    s[2 * t + 1]) : kf[d * KV_BLOCK + t];
+            const float *vf = kv_floats((const char *)P.v + at * esz, fmt, per_block, buf);
+            s = fmt == KV_U8 ? P.vs + kv_at(&P, blk, g) * KV_BLOCK * 2 : NULL;
+            for (int t = 0; t < KV_BLOCK; t++)
+                for (int d = 0; d < D; d++)
+                    vT[((size_t)j * KV_BLOCK + t) * D + d] = t >= n ? 0.f : s ? MADD(vf[t * D + d], s[2 * t],
+                                                                                     s[2 * t + 1]) : vf[t * D + d];
+        }
+        free(buf);
+    }
+    const int64_t ost[3] = {(int64_t)Lq * H * D, (int64_t)H * D, D};
+    if (!failed) failed = flash(q, qst, out, ost, packs, per, Sp, Sb, B, Lq, H, Hkv, D, 1, 0, 0, 1, scale, threads);
+    free(Sb);
+    free(packs);
+    return failed ? QK_ENOMEM : 0;
 }

@@ -94,6 +94,7 @@ static inline __attribute__((always_inline)) void q8x16_tile(const int8_t *w, in
         for (int h = 0; h < 2; h++) _mm256_storeu_ps(out + 16 * m + 8 * h, acc[m][h]);
 }
 
+#define QK_HAVE_Q8X16_BLOCK 1
 static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
     for (int m0 = 0; m0 < M; m0 += 2) {
         const int16_t *x = xq + (size_t)m0 * K;
@@ -162,4 +163,136 @@ static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *ze
                       const float *xs, const float *xsum, int M, int K, float *out, int ldo) {
     if (M == 2) q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 2, out, ldo);
     else q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 1, out, ldo);
+}
+
+/* kernels.c's exp_c in vectors: the same operations in the same order, and the same result (2^n applied in two
+   exact halves). */
+static inline __m256 exp_v8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(104.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i k = _mm256_cvtps_epi32(n), k1 = _mm256_srai_epi32(_mm256_add_epi32(k, _mm256_srli_epi32(k, 31)), 1);
+    const __m256i one = _mm256_set1_epi32(127);  /* 2^k1 and 2^(k - k1), each a normal float */
+    const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, one), 23));
+    const __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(k, k1), one), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Attention over the KV pool (kernels.c's kv_scores_fmt, kv_pv_fmt, exp_row, half_row): the pool's values converted
+   to float32 as they are loaded (vcvtph2ps, or uint8 widened), the query heads' accumulators in registers.
+   ------------------------------------------------------------------------------------------------------------ */
+#define QK_HAVE_KV 1
+#define QK_HAVE_HALF_ROW 1
+#define QK_HAVE_EXP_ROW 1
+
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, const int fmt) {
+    if (fmt == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    if (fmt == KV_U8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    return _mm256_loadu_ps(p);
+}
+
+static void half_row(const uint16_t *src, int n, float *dst) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, kv_load8(src + i, KV_F16));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+/* Up to 4 heads against one block's 16 keys (two vectors): 8 accumulators. */
+static inline __attribute__((always_inline)) void kv_scores_g(const float *q, const char *kb, int D, float sc[][KV_BLOCK],
+                                                              const int fmt, const int GT) {
+    const int esz = fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1;
+    __m256 acc[4][2];
+    for (int i = 0; i < GT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const char *k = kb + (size_t)d * KV_BLOCK * esz;
+        const __m256 k0 = kv_load8(k, fmt), k1 = kv_load8(k + 8 * esz, fmt);
+        for (int i = 0; i < GT; i++) {
+            const __m256 b = _mm256_broadcast_ss(q + (size_t)i * D + d);
+            acc[i][0] = _mm256_fmadd_ps(b, k0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(b, k1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < GT; i++) {
+        _mm256_storeu_ps(sc[i], acc[i][0]);
+        _mm256_storeu_ps(sc[i] + 8, acc[i][1]);
+    }
+}
+
+#define KV_BY_GT4(F, GT, ...) switch (GT) { \
+    case 4: F(__VA_ARGS__, 4); break; case 3: F(__VA_ARGS__, 3); break; case 2: F(__VA_ARGS__, 2); break; \
+    default: F(__VA_ARGS__, 1); break; }
+
+static inline __attribute__((always_inline)) void kv_scores_fmt(const float *q, int G, const char *kb, int D,
+                                                                float sc[][KV_BLOCK], float *buf, const int fmt) {
+    (void)buf;
+    for (int i0 = 0; i0 < G; i0 += 4) {
+        const int GT = G - i0 < 4 ? G - i0 : 4;
+        KV_BY_GT4(kv_scores_g, GT, q + (size_t)i0 * D, kb, D, sc + i0, fmt)
+    }
+}
+
+/* Heads i0, i0 + 1 (GT <= 2) and value columns 8 c0 .. 8 (c0 + C) - 1 (C <= 4): 8 accumulators at most. */
+static inline __attribute__((always_inline)) void kv_pv_tile(const float w[][KV_BLOCK], const char *vb, int nt,
+                                                             int D, float *o, int c0, const int fmt, const int GT,
+                                                             const int C) {
+    const int esz = fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1;
+    __m256 acc[2][4];
+    for (int i = 0; i < GT; i++)
+        for (int c = 0; c < C; c++) acc[i][c] = _mm256_loadu_ps(o + (size_t)i * D + 8 * (c0 + c));
+    for (int t = 0; t < nt; t++) {
+        __m256 v[4];
+        for (int c = 0; c < C; c++) v[c] = kv_load8(vb + ((size_t)t * D + 8 * (c0 + c)) * esz, fmt);
+        for (int i = 0; i < GT; i++) {
+            const __m256 b = _mm256_broadcast_ss(&w[i][t]);
+            for (int c = 0; c < C; c++) acc[i][c] = _mm256_fmadd_ps(b, v[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < GT; i++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(o + (size_t)i * D + 8 * (c0 + c), acc[i][c]);
+}
+
+static inline __attribute__((always_inline)) void kv_pv_fmt(const float w[][KV_BLOCK], int G, const char *vb, int nt,
+                                                            int D, float *o, float *buf, const int fmt) {
+    (void)buf;
+    for (int i0 = 0; i0 < G; i0 += 2)
+        for (int c0 = 0; c0 < D / 8; c0 += 4) {
+            const int C = D / 8 - c0 < 4 ? D / 8 - c0 : 4;
+            const float (*wi)[KV_BLOCK] = w + i0;
+            float *oi = o + (size_t)i0 * D;
+            #define KV_PV_C(GT_) switch (C) { \
+                case 4: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 4); break; \
+                case 3: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 3); break; \
+                case 2: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 2); break; \
+                default: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 1); break; }
+            if (G - i0 >= 2) { KV_PV_C(2) } else { KV_PV_C(1) }
+            #undef KV_PV_C
+        }
+}
+
+
+/* kernels.c's exp_row in vectors: x[j] = exp(x[j] - mx), returns the sum (8 lanes, then the tail). */
+static float exp_row(float *x, int n, float mx) {
+    __m256 sum = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(mx);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp_v8(_mm256_sub_ps(_mm256_loadu_ps(x + j), m));
+        _mm256_storeu_ps(x + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float lanes[8], s = 0.f;
+    _mm256_storeu_ps(lanes, sum);
+    for (int l = 0; l < 8; l++) s += lanes[l];
+    for (; j < n; j++) s += x[j] = exp_c(x[j] - mx);
+    return s;
 }

@@ -117,6 +117,7 @@ static inline __attribute__((always_inline)) void q8x16_tile(const int8_t *w, in
     for (int m = 0; m < MT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
 }
 
+#define QK_HAVE_Q8X16_BLOCK 1
 static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
     for (int m0 = 0; m0 < M; m0 += 4) {
         const int16_t *x = xq + (size_t)m0 * K;
@@ -182,29 +183,6 @@ static void dequant_tile64(const uint8_t *w, const uint16_t *scale, const uint8_
     _mm_sfence();
 }
 
-#ifdef __AVX512BF16__
-#define QK_HAVE_ATTN 1
-/* The vision attention's two products with AVX512-BF16's vdpbf16ps (a pair of bf16 products per float32 lane). */
-static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, float sc[4][64]) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int d2 = 0; d2 < D2; d2++) {
-        const uint32_t *k = kT + (size_t)d2 * ld;
-        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
-                       k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
-        for (int r = 0; r < 4; r++) {
-            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)q[r][d2]);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], b, k0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, k1);
-            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], b, k2);
-            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], b, k3);
-        }
-    }
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(sc[r] + 16 * c, acc[r][c]);
-}
-
 /* kernels.c's exp_c in vectors: the same operations in the same order, and the same result. */
 static inline __m512 exp_v(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(104.f));
@@ -233,6 +211,29 @@ static inline float scaled_max_v(const float *sc, int n, float scale, float m, _
         mv = _mm512_max_ps(mv, x[c]);
     }
     return _mm512_reduce_max_ps(mv);
+}
+
+#ifdef __AVX512BF16__
+#define QK_HAVE_ATTN 1
+/* The vision attention's two products with AVX512-BF16's vdpbf16ps (a pair of bf16 products per float32 lane). */
+static void attn_scores_4x64(const uint32_t *q[4], const uint32_t *kT, int ld, int D2, float sc[4][64]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int d2 = 0; d2 < D2; d2++) {
+        const uint32_t *k = kT + (size_t)d2 * ld;
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
+                       k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)q[r][d2]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], b, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, k1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], b, k2);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], b, k3);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(sc[r] + 16 * c, acc[r][c]);
 }
 
 /* kernels.c's attn_softmax_4x64 in vectors: the bf16 rounding and pair packing in one vcvtne2ps2bf16 per 32 values
@@ -296,7 +297,6 @@ static void attn_pv_4x64(const uint32_t pp[4][32], const uint32_t *vT, int D, co
 }
 #endif
 
-#ifdef __AVX512BF16__
 /* kernels.c's float32 attention steps in vectors (the text model's attention). */
 #define QK_HAVE_ATTN_F32 1
 static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int D, float sc[4][64]) {
@@ -368,7 +368,6 @@ static void attn_pv_f32_4x64(const float p[4][64], const float *v, int D, const 
             default: attn_pv_f32_c(p, v, D, o, c0, 1); break;
         }
 }
-#endif
 
 #define QK_HAVE_Q4I8_TILE 1
 #define GEMM_MT 8
@@ -457,4 +456,107 @@ static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *ze
         case 2: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 2, out, ldo); break;
         default: q4i8_tile_mt(t, scale, zero, G, xq, xs, xsum, K, 1, out, ldo); break;
     }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Attention over the KV pool (kernels.c's kv_scores_fmt, kv_pv_fmt, exp_row, half_row): the pool's values converted
+   to float32 as they are loaded (vcvtph2ps, or uint8 widened), the G query heads' accumulators in registers.
+   ------------------------------------------------------------------------------------------------------------ */
+#define QK_HAVE_KV 1
+#define QK_HAVE_HALF_ROW 1
+#define QK_HAVE_EXP_ROW 1
+
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *p, const int fmt) {
+    if (fmt == KV_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (fmt == KV_U8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    return _mm512_loadu_ps(p);
+}
+
+static void half_row(const uint16_t *src, int n, float *dst) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, kv_load16(src + i, KV_F16));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+static inline __attribute__((always_inline)) void kv_scores_g(const float *q, const char *kb, int D, float sc[][KV_BLOCK],
+                                                              const int fmt, const int GT) {
+    const int esz = fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1;
+    __m512 acc[8];
+    for (int i = 0; i < GT; i++) acc[i] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const __m512 k = kv_load16(kb + (size_t)d * KV_BLOCK * esz, fmt);
+        for (int i = 0; i < GT; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)i * D + d]), k, acc[i]);
+    }
+    for (int i = 0; i < GT; i++) _mm512_storeu_ps(sc[i], acc[i]);
+}
+
+#define KV_BY_GT(F, GT, ...) switch (GT) { \
+    case 8: F(__VA_ARGS__, 8); break; case 7: F(__VA_ARGS__, 7); break; case 6: F(__VA_ARGS__, 6); break; \
+    case 5: F(__VA_ARGS__, 5); break; case 4: F(__VA_ARGS__, 4); break; case 3: F(__VA_ARGS__, 3); break; \
+    case 2: F(__VA_ARGS__, 2); break; default: F(__VA_ARGS__, 1); break; }
+
+static inline __attribute__((always_inline)) void kv_scores_fmt(const float *q, int G, const char *kb, int D,
+                                                                float sc[][KV_BLOCK], float *buf, const int fmt) {
+    (void)buf;
+    for (int i0 = 0; i0 < G; i0 += 8) {
+        const int GT = G - i0 < 8 ? G - i0 : 8;
+        KV_BY_GT(kv_scores_g, GT, q + (size_t)i0 * D, kb, D, sc + i0, fmt)
+    }
+}
+
+/* Heads i0 .. i0 + GT - 1 (GT <= 8) and value columns 16 c0 .. 16 (c0 + C) - 1 (GT * C <= 24 accumulators, so
+   each value is converted once for up to 8 heads). */
+static inline __attribute__((always_inline)) void kv_pv_tile(const float w[][KV_BLOCK], const char *vb, int nt,
+                                                             int D, float *o, int c0, const int fmt, const int GT,
+                                                             const int C) {
+    const int esz = fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1;
+    __m512 acc[8][4];
+    for (int i = 0; i < GT; i++)
+        for (int c = 0; c < C; c++) acc[i][c] = _mm512_loadu_ps(o + (size_t)i * D + 16 * (c0 + c));
+    for (int t = 0; t < nt; t++) {
+        __m512 v[4];
+        for (int c = 0; c < C; c++) v[c] = kv_load16(vb + ((size_t)t * D + 16 * (c0 + c)) * esz, fmt);
+        for (int i = 0; i < GT; i++) {
+            const __m512 b = _mm512_set1_ps(w[i][t]);
+            for (int c = 0; c < C; c++) acc[i][c] = _mm512_fmadd_ps(b, v[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < GT; i++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(o + (size_t)i * D + 16 * (c0 + c), acc[i][c]);
+}
+
+static inline __attribute__((always_inline)) void kv_pv_fmt(const float w[][KV_BLOCK], int G, const char *vb, int nt,
+                                                            int D, float *o, float *buf, const int fmt) {
+    (void)buf;
+    for (int i0 = 0; i0 < G; i0 += 8) {
+        const int GT = G - i0 < 8 ? G - i0 : 8, CT = GT <= 6 ? 4 : 3;
+        const float (*wi)[KV_BLOCK] = w + i0;
+        float *oi = o + (size_t)i0 * D;
+        for (int c0 = 0; c0 < D / 16; c0 += CT) {
+            const int C = D / 16 - c0 < CT ? D / 16 - c0 : CT;
+            #define KV_PV_C(GT_) switch (C) { \
+                case 4: if (GT_ <= 6) kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 4); break; \
+                case 3: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 3); break; \
+                case 2: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 2); break; \
+                default: kv_pv_tile(wi, vb, nt, D, oi, c0, fmt, GT_, 1); break; }
+            switch (GT) { case 8: KV_PV_C(8) break; case 7: KV_PV_C(7) break; case 6: KV_PV_C(6) break;
+                          case 5: KV_PV_C(5) break; case 4: KV_PV_C(4) break; case 3: KV_PV_C(3) break;
+                          case 2: KV_PV_C(2) break; default: KV_PV_C(1) break; }
+            #undef KV_PV_C
+        }
+    }
+}
+
+
+/* kernels.c's exp_row in vectors: x[j] = exp(x[j] - mx), returns the sum. */
+static float exp_row(float *x, int n, float mx) {
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx);
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 live = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + j), m)));
+        _mm512_mask_storeu_ps(x + j, live, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
 }

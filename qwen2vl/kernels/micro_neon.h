@@ -12,6 +12,7 @@ static inline void mla16(int32x4_t a[4], int16x8_t v0, int16x8_t v1, int16_t x) 
     a[3] = vmlal_high_n_s16(a[3], v1, x);
 }
 
+#define QK_HAVE_Q4X16_BLOCK 1
 /* Up to two input rows against a 16-row block, four rows per vector: per pair of inputs, vld2 splits the 32 bytes
    into each input's 16 rows (low nibbles: inputs 2p, 2p + 1; high: 64 + 2p, 65 + 2p), widened to int16 and
    multiplied by the row's activation. Arithmetic as micro_generic.h's. */
@@ -62,6 +63,7 @@ static void q4x16_block(const uint8_t *w, const uint16_t *scale, const uint8_t *
     }
 }
 
+#define QK_HAVE_Q8X16_BLOCK 1
 /* Up to two input rows against a 16-row q8x16 block: vld2 splits each pair's 32 bytes into its two inputs' 16 rows,
    widened to int16 and multiplied by the row's activation. */
 static void q8x16_block(const int8_t *w, int G, const int16_t *xq, const float *xs, int M, int K, float *out) {
@@ -154,3 +156,11 @@ static void q4i8_tile(const uint8_t *t, const uint16_t *scale, const uint8_t *ze
         for (int i = 0; i < 4; i++) vst1q_f32(out + (size_t)m * ldo + 4 * i, o[m][i]);
 }
 #endif
+
+/* float16 pool values widened in vectors (kernels.c half_row). */
+#define QK_HAVE_HALF_ROW 1
+static void half_row(const uint16_t *src, int n, float *dst) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}

@@ -24,10 +24,15 @@ class Metrics(Observer):
         g("qwen2vl_requests_running", "Sequences being prefilled or decoded",
           lambda: len(engine.rows) + (engine.prefilling is not None))
         g("qwen2vl_requests_waiting", "Sequences waiting to start", lambda: len(engine.waiting))
-        g("qwen2vl_kv_cache_bytes", "Bytes of keys and values held (running batch, prefill, prefix cache)",
-          lambda: engine.kv_bytes)
+        pool = engine.pool
+        g("qwen2vl_kv_cache_bytes", "Bytes of the KV pool's blocks holding keys and values (in use or cached)",
+          lambda: pool.bytes)
+        g("qwen2vl_kv_cache_used_bytes", "Bytes of the KV pool's blocks that running sequences reference",
+          lambda: pool.used_bytes)
+        g("qwen2vl_kv_cache_capacity_bytes", "Bytes the KV pool can hold (--kv-cache-bytes)",
+          lambda: pool.capacity_bytes)
         g("qwen2vl_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up",
-          lambda: engine.prefix_cache.hit_rate if engine.prefix_cache else 0.0)
+          lambda: pool.hit_rate)
         g("qwen2vl_generation_tokens_per_second", f"Tokens generated per second over the last {WINDOW:g} s",
           self._rate)
         self.prompt_tokens = Counter("qwen2vl_prompt_tokens", "Prompt tokens admitted", registry=r)
