@@ -33,11 +33,14 @@ class Processor:
     """
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, spec: VisionSpec,
-                 policy: MediaPolicy | None = None, image_budget: int | None = None, **defaults: Any):
+                 policy: MediaPolicy | None = None, image_budget: int | None = None,
+                 video_budget: int | None = None, **defaults: Any):
         self.tokenizer = tokenizer
         # max_pixels for images that set no size (no max_pixels or resized_* in the item, call or defaults); an
         # image it downscales gets a one-line notice. Qwen2VL sets a CPU budget (see loader.CPU_IMAGE_BUDGET).
         self.image_budget = image_budget
+        # Visual tokens for a video file that sets no size (frames or pixels), likewise (loader.CPU_VIDEO_BUDGET).
+        self.video_budget = video_budget
         self.template = template
         self.spec = spec
         self.policy = policy or MediaPolicy()
@@ -47,20 +50,17 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, policy: MediaPolicy | None = None, image_budget: int | None = None,
-                        **defaults: Any) -> "Processor":
+                        video_budget: int | None = None, **defaults: Any) -> "Processor":
         path = Path(path)
         pre = path / "preprocessor_config.json"
         spec = VisionSpec.from_dict(json.loads(pre.read_text())) if pre.exists() else VisionSpec()
         return cls(Tokenizer.from_pretrained(path), ChatTemplate.from_pretrained(path), spec, policy, image_budget,
-                   **defaults)
+                   video_budget, **defaults)
 
-    def render(self, conversations: Any, *, add_generation_prompt: bool = True, add_vision_id: bool = False
-               ) -> list[str]:
-        """The prompt text of each conversation (one <|image_pad|> / <|video_pad|> per image / video)."""
-        batch = as_batch(conversations)
-        vision_items(batch)  # validates
-        return [self.template.render(c, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
-                for c in batch]
+    def with_policy(self, policy: MediaPolicy) -> "Processor":
+        """The same processor with another media policy (a server's: where request media may come from)."""
+        return Processor(self.tokenizer, self.template, self.spec, policy, self.image_budget, self.video_budget,
+                         **self.defaults)
 
     def __call__(self, conversations: Any, *, add_generation_prompt: bool = True, add_vision_id: bool = False,
                  progress: bool = False, **options: Any) -> ModelInputs:
@@ -102,8 +102,11 @@ class Processor:
             if isinstance(item.source, (list, tuple)):
                 frames = frames_from_images(list(item.source), options, self.spec, self.policy)
             elif isinstance(item.source, (str, Path)):
-                frames = torch.from_numpy(read_video(str(item.source), options, self.policy,
-                                                     _bar(progress, item))).permute(0, 3, 1, 2)
+                array, options, notice = read_video(str(item.source), options, self.policy, _bar(progress, item),
+                                                    self.video_budget, self.spec)
+                if notice:
+                    log.warning(f"qwen2vl: {item.where}: {notice}")
+                frames = torch.from_numpy(array).permute(0, 3, 1, 2)
             elif isinstance(item.source, torch.Tensor) and item.source.dim() == 4:
                 frames = item.source  # already sampled frames (T, C, H, W) uint8
             else:

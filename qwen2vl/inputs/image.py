@@ -1,4 +1,4 @@
-"""Images: open any supported source, convert to RGB, smart_resize, normalize and patchify (spec section 3).
+"""Images: open any supported source, convert to RGB, smart_resize, normalize and patchify.
 
 Matches qwen-vl-utils 0.0.14 `fetch_image` followed by transformers' Qwen2VLImageProcessor (PIL backend).
 """
@@ -52,7 +52,7 @@ class VisionSpec:
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int | None = None,
                  max_pixels: int | None = None) -> tuple[int, int]:
-    """(height, width) rounded to multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect kept (spec 3.1).
+    """(height, width) rounded to multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect kept.
 
     Python's round() is half-to-even, as in the reference (70/28 = 2.5 -> 2). The max(factor, .) clamps of both
     qwen-vl-utils and transformers are applied, so the result is never 0.
@@ -117,7 +117,7 @@ def _read(file: Path | io.BytesIO, policy: MediaPolicy, label: str | None = None
         raise InputError(f"image refused before decoding, over Pillow's size limit: {e}") from None
     except Image.UnidentifiedImageError:  # its message shows the file object's repr (a memory address)
         raise InputError(f"cannot read image {label or file}: not an image format Pillow reads") from None
-    except Exception as e:  # Pillow's decoders raise many types on corrupt data: OSError, SyntaxError, EOFError, ...
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on corrupt data (OSError, ...)
         raise InputError(f"cannot read image {label or file}: {type(e).__name__}: {e}") from None
 
 
@@ -197,7 +197,7 @@ def patchify(frames: torch.Tensor, spec: VisionSpec) -> tuple[torch.Tensor, tupl
     """Normalized frames (T, C, H, W), T even -> pixel rows (T/2 * gh * gw, C*2*P*P) and grid (T/2, gh, gw).
 
     Rows are ordered (t, bh, bw, i, j): merge-window-major inside each temporal slice; a row's vector is
-    [c][t][py][px] (spec 3.2 / 4).
+    [c][t][py][px].
     """
     T, C, H, W = frames.shape
     P, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size

@@ -1,4 +1,4 @@
-"""Videos: frame sampling, decoding only the sampled frames with PyAV, resizing and patchifying (spec section 4).
+"""Videos: frame sampling, decoding only the sampled frames with PyAV, resizing and patchifying.
 
 Matches qwen-vl-utils 0.0.14 (its decord path: frame count and average fps from the container, `video_start` /
 `video_end` through `calculate_video_frame_range`) followed by transformers' Qwen2VLVideoProcessor.
@@ -235,18 +235,61 @@ class Frames:
         self.count = 0
 
 
-def read_video(ref: str, opts: dict[str, Any], policy: MediaPolicy,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """The sampled frames of a video file or URL: (T, H, W, 3) uint8."""
+# Options by which a caller sizes a video (its frames or their pixels); a video with none of them may be budgeted.
+SIZE_OPTIONS = {"min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width", "fps", "nframes",
+                "min_frames", "max_frames"}
+
+
+def read_video(ref: str, opts: dict[str, Any], policy: MediaPolicy, progress: Callable[[int], None] | None = None,
+               budget: int | None = None, spec: VisionSpec | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+    """The sampled frames of a video file or URL: (T, H, W, 3) uint8, the options to size them with and a notice
+    ("" if none). With `budget` (visual tokens; `spec` needed) and no size in `opts`, the frames and their pixels are
+    capped so that the video costs at most that many tokens (a CPU default, as images have theirs)."""
     src = resolve_source(ref, policy, "video")
     reader = VideoReader(io.BytesIO(src.data) if src.data is not None else src.path)
     try:
         info = reader.info
         first, last = frame_range(opts, info.total_frames, info.fps)
         n = smart_nframes(opts, last - first + 1, info.fps)
-        return reader.frames(sample_indices(first, last, n), progress)
+        notice = ""
+        if budget is not None and not SIZE_OPTIONS & opts.keys():
+            tokens = video_tokens(n, info.height, info.width, opts, spec)
+            if tokens > budget:
+                opts = budgeted(opts, budget, spec)
+                n = smart_nframes(opts, last - first + 1, info.fps)
+                notice = (f"video of {last - first + 1} frames at {info.fps:.2f} fps: {n} frames of "
+                          f"{video_tokens(n, info.height, info.width, opts, spec)} visual tokens in all (not {tokens}) "
+                          f"by the default video budget ({budget} tokens); pass nframes or fps, and max_pixels or "
+                          "total_pixels, to change it")
+        return reader.frames(sample_indices(first, last, n), progress), opts, notice
     finally:
         reader.close()
+
+
+def budgeted(opts: dict[str, Any], budget: int, spec: VisionSpec) -> dict[str, Any]:
+    """Options that keep a video within `budget` visual tokens: at most as many frames as the smallest frame size
+    allows (VIDEO_MIN_TOKENS per pair), and the pixels of all of them at most the budget's."""
+    per_pair = math.ceil(VIDEO_MIN_TOKENS * 1.05)
+    frames = max(FPS_MIN_FRAMES, _floor_by(2 * budget // per_pair, FRAME_FACTOR))
+    return {**opts, "max_frames": frames, "total_pixels": budget * spec.factor**2}
+
+
+def frame_size(T: int, H: int, W: int, opts: dict[str, Any], spec: VisionSpec) -> tuple[int, int]:
+    """The height and width T sampled frames of H x W are resized to (qwen-vl-utils' fetch_video rules)."""
+    f = spec.factor
+    min_pixels = opts.get("min_pixels", VIDEO_MIN_TOKENS * f * f)
+    total_pixels = opts.get("total_pixels", MODEL_SEQ_LEN * f * f * 0.9)
+    max_pixels = max(min(VIDEO_MAX_TOKENS * f * f, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = min(opts.get("max_pixels", max_pixels), max_pixels)  # a user max is capped by the budget
+    if "resized_height" in opts and "resized_width" in opts:
+        return smart_resize(opts["resized_height"], opts["resized_width"], f)
+    return smart_resize(H, W, f, min_pixels, max_pixels)
+
+
+def video_tokens(T: int, H: int, W: int, opts: dict[str, Any], spec: VisionSpec) -> int:
+    """Visual tokens of T sampled frames of H x W (before the processor's own bounds, which rarely apply)."""
+    h, w = frame_size(T, H, W, opts, spec)
+    return math.ceil(T / spec.temporal_patch_size) * (h // spec.factor) * (w // spec.factor)
 
 
 def frames_from_images(items: list[Any], opts: dict[str, Any], spec: VisionSpec, policy: MediaPolicy) -> torch.Tensor:
@@ -292,14 +335,7 @@ def video_patches(frames: torch.Tensor, opts: dict[str, Any], spec: VisionSpec
     """Sampled uint8 frames (T, C, H, W) -> (pixel rows, grid), as qwen-vl-utils' fetch_video + the processor."""
     T, _, H, W = frames.shape
     f = spec.factor
-    min_pixels = opts.get("min_pixels", VIDEO_MIN_TOKENS * f * f)
-    total_pixels = opts.get("total_pixels", MODEL_SEQ_LEN * f * f * 0.9)
-    max_pixels = max(min(VIDEO_MAX_TOKENS * f * f, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))
-    max_pixels = min(opts.get("max_pixels", max_pixels), max_pixels)  # a user max is capped by the budget
-    if "resized_height" in opts and "resized_width" in opts:
-        h, w = smart_resize(opts["resized_height"], opts["resized_width"], f)
-    else:
-        h, w = smart_resize(H, W, f, min_pixels, max_pixels)
+    h, w = frame_size(T, H, W, opts, spec)
     x = resize_frames(frames, h, w).float()  # values 0..255
     # The processor's own bounds (a no-op unless the item's limits lie outside them), on float frames.
     h2, w2 = smart_resize(h, w, f, spec.min_pixels, spec.max_pixels)
