@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds per item (best and median reported)")
     b.add_argument("--no-transformers", action="store_true", help="measure qwen2vl only")
-    b.add_argument("--serving", action="store_true", help="measure the server instead (bench_serving.py): a second "
+    b.add_argument("--long", action="store_true", help="long prompts instead (bench/long.py): prefill time, decode "
+                   "speed at depth and peak RSS at each of --lengths, beside llama.cpp and OpenVINO")
+    b.add_argument("--lengths", default="1,6144,14336,30720", help="with --long: prompt lengths in tokens")
+    b.add_argument("--serving", action="store_true", help="measure the server instead (bench/serving.py): a second "
                    "turn's time to first token, and four concurrent streams against one")
     b.add_argument("--python", help="the interpreter for qwen2vl's side (e.g. a venv with torch's CPU build, "
                                     "as a CPU user installs it); default: this one")
@@ -120,21 +123,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
-    """What `serve` and `batch` share: the media policy, the request limits and the engine's budget."""
+    """What `serve` and `batch` share: the media policy, the request limits and the engine's budget (defaults: the
+    server's settings, server/settings.py)."""
+    from .server.settings import EngineSettings, Limits, Media
+
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let requests fetch http(s) media (public addresses only, checked on every redirect)")
     p.add_argument("--allowed-domains", nargs="+", help="with --allow-remote-media: only these hosts")
     p.add_argument("--allowed-local-media-path", help="let requests read files under this directory")
-    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
-    p.add_argument("--max-images", type=int, default=8, help="per request")
-    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="per image, after resizing")
-    p.add_argument("--max-image-pixels", type=int, default=100_000_000, help="refuse larger files undecoded")
-    p.add_argument("--max-video-frames", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=4096, help="new tokens per request")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30,
-                   help="the prefix cache's budget: keys and values of earlier prompts, reused (LRU)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+    p.add_argument("--max-images", type=int, default=Limits.max_images, help="per request")
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="per image, after resizing")
+    p.add_argument("--max-image-pixels", type=int, default=Media.max_image_pixels,
+                   help="refuse larger files undecoded")
+    p.add_argument("--max-video-frames", type=int, default=Limits.max_video_frames)
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="new tokens per request")
+    p.add_argument("--max-batch", type=int, default=EngineSettings.max_batch, help="requests decoded together")
+    p.add_argument("--kv-cache-bytes", type=int, default=EngineSettings.kv_cache_bytes,
+                   help="the KV pool: keys and values of running requests and of earlier prompts (reused, LRU); "
+                        "a request that does not fit waits")
+    p.add_argument("--prefill-chunk", type=int, default=EngineSettings.prefill_chunk,
                    help="prompt tokens prefilled between decode steps while others are decoding")
 
 
@@ -178,13 +186,13 @@ def _options(args) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _load(args):
+def _load(args, engine=None):
     from .api import Qwen2VL
 
     print(f"loading {args.model} ...", file=sys.stderr)
     t0 = time.time()
     model = Qwen2VL.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=True,
-                                    fast=False if args.exact else None)
+                                    fast=False if args.exact else None, engine=engine)
     return model, time.time() - t0
 
 
@@ -198,8 +206,10 @@ def vision_progress(model):
 
     def start(module, args):
         n = int(args[1].prod(-1).sum()) // 4
-        state["bar"] = tqdm(total=len(visual.blocks), desc=f"encoding {n} visual tokens", unit="layer", leave=False,
-                            file=sys.stderr)
+        i, pieces = getattr(module, "piece", (0, 1))  # a long video runs in pieces (model.vision_pieces)
+        part = f" (piece {i + 1} of {pieces})" if pieces > 1 else ""
+        state["bar"] = tqdm(total=len(visual.blocks), desc=f"encoding {n} visual tokens{part}", unit="layer",
+                            leave=pieces > 1 and i + 1 == pieces, file=sys.stderr)
 
     def step(module, args, out):
         if "bar" in state:
@@ -334,34 +344,19 @@ def cmd_chat(args) -> int:
         images, videos = [], []
 
 
-def _app(args, replica: str | None = None):
-    """The server's app for `serve` and `batch`, with the flags' media policy, limits and engine budget."""
-    from .inputs.fetch import MediaPolicy
-    from .server.app import Limits, create_app
-
-    model, _ = _load(args)
-    model.prefix_cache.max_bytes, model.engine.chunk = args.kv_cache_bytes, args.prefill_chunk
-    policy = MediaPolicy(
-        allow_local=args.allowed_local_media_path is not None,
-        local_roots=(Path(args.allowed_local_media_path),) if args.allowed_local_media_path else None,
-        allow_remote=args.allow_remote_media, block_private_addresses=True,
-        allowed_domains=tuple(args.allowed_domains) if args.allowed_domains else None,
-        max_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels,
-                    max_video_frames=args.max_video_frames, max_tokens=args.max_tokens, max_batch=args.max_batch)
-    return create_app(model, model_name=args.served_model_name or args.model, policy=policy, limits=limits,
-                      replica=replica)
-
-
 def cmd_serve(args) -> int:
+    from .server.app import build_app
+    from .server.settings import ServerSettings
+
     if args.ray is not None:
         from . import on_ray
 
-        on_ray.serve(vars(args), args.ray or None, args.replicas or 1, args.replica_cpus, args.host, args.port)
+        on_ray.serve(ServerSettings.from_args(args), args.ray or None, args.replicas or 1, args.replica_cpus,
+                     args.host, args.port)
         return 0
     from .server.run import run
 
-    run(_app(args), args.host, args.port, args.shutdown_timeout)
+    run(build_app(ServerSettings.from_args(args)), args.host, args.port, args.shutdown_timeout)
     return 0
 
 
@@ -370,16 +365,20 @@ def cmd_batch(args) -> int:
 
     from .batch import read_input, run
 
+    from .server.app import build_app
+    from .server.settings import ServerSettings
+
     source, target = Path(args.input), Path(args.output)
     read_input(source)  # an unreadable input fails before the model loads
+    settings = ServerSettings.from_args(args)
     if args.ray is not None:
         from . import on_ray
 
-        counts = on_ray.batch(vars(args), source, target, args.ray or None, args.replicas, args.replica_cpus)
+        counts = on_ray.batch(settings, source, target, args.ray or None, args.replicas, args.replica_cpus)
         return _batch_summary(counts, target)
-    app = _app(args)
+    app = build_app(settings)
     try:
-        counts = asyncio.run(run(app, source, target, concurrency=2 * args.max_batch))
+        counts = asyncio.run(run(app, source, target, concurrency=2 * settings.engine.max_batch))
     finally:
         app.state.stop()
     return _batch_summary(counts, target)
@@ -393,9 +392,13 @@ def _batch_summary(counts: dict[str, int], target: Path) -> int:
 
 def cmd_bench(args) -> int:
     if args.serving:
-        from .bench_serving import main as serving
+        from .bench.serving import main as serving
 
         return serving(args)
+    if args.long:
+        from .bench.long import main as long
+
+        return long(args)
     from .bench import main as bench
 
     return bench(args)

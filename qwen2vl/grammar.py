@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import ConstraintError, InputError
 
 COMPACT = (",", ":")  # JSON separators: no whitespace at all between tokens
 
@@ -60,7 +60,7 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(info)
 
     def compile(self, c: Constraint):
-        """A compiled grammar; InputError naming the problem when the constraint cannot be compiled."""
+        """A compiled grammar; ConstraintError (an InputError) naming the problem when it cannot be compiled."""
         try:
             if c.json_schema is not None:
                 schema = c.json_schema if isinstance(c.json_schema, str) else json.dumps(c.json_schema)
@@ -74,7 +74,7 @@ class Grammars:
             return self.compiler.compile_grammar(self.xgr.Grammar.from_ebnf(f"root ::= {rule}"))
         except (RuntimeError, ValueError, TypeError) as e:
             kind = "JSON schema" if c.json_schema is not None else "regex" if c.regex is not None else "constraint"
-            raise InputError(f"the {kind} cannot be compiled: {_clean(e)}") from None
+            raise ConstraintError(f"the {kind} cannot be compiled: {_clean(e)}") from None
 
     def matcher(self, grammar) -> "Matcher":
         return Matcher(self.xgr.GrammarMatcher(grammar), self)

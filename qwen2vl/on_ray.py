@@ -1,6 +1,6 @@
 """Scale-out on Ray (`pip install "qwen2vl[ray]"`): batch jobs on Ray Data, the server on Ray Serve.
 
-Both run the same app `qwen2vl serve` runs, built on each worker from the command's own flags (so the same limits
+Both run the same app `qwen2vl serve` runs, built on each worker from the command's settings (so the same limits
 and media policy), with the model loaded once per worker.
 - `qwen2vl batch ... --ray [ADDRESS]`: the driver reads INPUT and OUTPUT as a local job does (the same error lines
   and resume rules), Ray Data sends the pending requests to model actors, and their answers stream back to the
@@ -11,7 +11,6 @@ and media policy), with the model loaded once per worker.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 from .batch import Line, Results, app_client, pending, requests, respond
+from .server.app import build_app
+from .server.settings import ServerSettings
 
 
 def connect(address: str | None) -> None:
@@ -31,25 +32,23 @@ def connect(address: str | None) -> None:
     ray.init(address=address or None, log_to_driver=False, configure_logging=False)
 
 
-def worker_app(flags: dict, replica: str | None = None):
-    """The server's app on a Ray worker, from the command's flags; torch uses the worker's CPUs."""
+def worker_app(settings: ServerSettings, replica: str | None = None):
+    """The server's app on a Ray worker, from the command's settings; torch uses the worker's CPUs."""
     import ray
     import torch
-
-    from .cli import _app
 
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or None
     if cpus:
         torch.set_num_threads(cpus)
-    return _app(argparse.Namespace(**flags), replica=replica)
+    return build_app(settings, replica=replica)
 
 
 class BatchActor:
     """A Ray Data actor: the app loaded once, then each batch of requests answered through it concurrently (the
     engine batches them)."""
 
-    def __init__(self, flags: dict):
-        self.app = worker_app(flags)
+    def __init__(self, settings: ServerSettings):
+        self.app = worker_app(settings)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -64,7 +63,7 @@ class BatchActor:
         return {"result": np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=object)}
 
 
-def batch(flags: dict, input_path: Path, output_path: Path, address: str | None, actors: int | None,
+def batch(settings: ServerSettings, input_path: Path, output_path: Path, address: str | None, actors: int | None,
           cpus_per_actor: int, progress: bool = True) -> dict[str, int]:
     """The batch job on Ray Data: the same OUTPUT, written by this driver as answers arrive."""
     import ray
@@ -77,7 +76,7 @@ def batch(flags: dict, input_path: Path, output_path: Path, address: str | None,
                  for line, raw in requests(input_path, todo, results)]
         if items:
             answers = ray.data.from_items(items).map_batches(
-                BatchActor, fn_constructor_kwargs={"flags": flags}, batch_size=4,
+                BatchActor, fn_constructor_kwargs={"settings": settings}, batch_size=4,
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus_per_actor, batch_format="numpy")
             for row in answers.iter_rows():  # streamed: each answer is written as it arrives
@@ -85,7 +84,8 @@ def batch(flags: dict, input_path: Path, output_path: Path, address: str | None,
     return results.counts
 
 
-def serve(flags: dict, address: str | None, replicas: int, cpus_per_replica: int, host: str, port: int) -> None:
+def serve(settings: ServerSettings, address: str | None, replicas: int, cpus_per_replica: int, host: str,
+          port: int) -> None:
     """The app on Ray Serve with `replicas` replicas, until interrupted."""
     from ray import serve as ray_serve
 
@@ -93,7 +93,7 @@ def serve(flags: dict, address: str | None, replicas: int, cpus_per_replica: int
 
     def build():
         replica = ray_serve.get_replica_context().replica_id.unique_id
-        return worker_app(flags, replica=replica)
+        return worker_app(settings, replica=replica)
 
     replica_class = type("Qwen2VLReplica", (), {"__doc__": "One copy of the qwen2vl server app."})
     deployment = ray_serve.deployment(ray_serve.ingress(build)(replica_class), name="qwen2vl",

@@ -144,9 +144,8 @@ def test_boxes_are_drawn_over_the_region_they_name(page, assets, tmp_path):
 def test_model_output_cannot_inject_html(page):
     page.evaluate("""() => {
         const view = window.qwen2vl.showAssistant();
-        window.qwen2vl.renderAnswer(view.text,
-          'Hi <img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> [a](javascript:window.pwned=3) **b**',
-          []);
+        window.qwen2vl.renderAnswer(view.text, 'Hi <img src=x onerror="window.pwned=1"> ' +
+          '<script>window.pwned=2</script> [a](javascript:window.pwned=3) **b**', []);
     }""")
     page.wait_for_timeout(300)
     assert page.evaluate("window.pwned") is None

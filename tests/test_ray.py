@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_batch import batch, comparable, kill_after, rows, uninterrupted  # noqa: F401 - a fixture
+from tests import test_batch
+from tests.test_batch import batch, comparable, kill_after, rows
+
+uninterrupted = test_batch.uninterrupted  # a fixture this module's tests use too
 
 pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'qwen2vl[ray]'); .ci/run installs it")
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -9,14 +9,12 @@ and tokens; every bad request gets an OpenAI-style error and no other request is
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +25,29 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..cpu.threads import single_threaded
-from ..errors import InputError, Qwen2VLError
+from ..errors import ConstraintError, InputError, Qwen2VLError
 from ..generate import TextDelta, Usage
 from ..grammar import Constraint
 from ..inputs.fetch import MediaPolicy
 from .metrics import Metrics
 from .scheduler import EngineThread, Job
 from .schema import ChatCompletionRequest
+from .settings import Limits, ServerSettings
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STATIC = Path(__file__).with_name("static")  # the chat page: HTML, CSS, JS and its two vendored libraries
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_images: int = 8  # per request
-    max_videos: int = 2
-    max_pixels: int = 1280 * 28 * 28  # per image after resizing (1280 visual tokens)
-    max_video_frames: int = 64
-    max_tokens: int = 4096  # new tokens per request
-    max_batch: int = 16
+def build_app(settings: ServerSettings, replica: str | None = None, progress: bool = True):
+    """Load the model with the settings' engine, and the app serving it with their limits and media policy."""
+    from ..api import Qwen2VL
+
+    model = Qwen2VL.from_pretrained(settings.model, dtype=settings.dtype, device=settings.device,
+                                    fast=False if settings.exact else None, progress=progress,
+                                    engine=settings.engine)
+    return create_app(model, model_name=settings.model_name, policy=settings.media.policy(
+        settings.limits.max_body_bytes), limits=settings.limits, replica=replica)
 
 
 def page_config(values: dict) -> str:
@@ -68,12 +67,10 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
     names the process that answered (`replica`: default host and pid) in an X-Qwen2VL-Replica header."""
     policy = policy or MediaPolicy.deny_all_but_data()
     limits = limits or Limits()
-    processor = copy.copy(model.processor)  # this app's media policy, not the model's
-    processor.policy = policy
+    processor = model.processor.with_policy(policy)  # this app's media policy, not the model's
     engine = model.engine
-    engine.max_batch = limits.max_batch
     metrics = Metrics(engine)
-    engine.observer = metrics
+    engine.watch(metrics)
     runner = EngineThread(engine)
 
     def prepare(conversation, options):
@@ -125,7 +122,7 @@ def create_app(model, *, model_name: str, policy: MediaPolicy | None = None, lim
             inputs = await run_in_threadpool(prepare, conversation, options)  # decoding off the event loop
             grammar = await run_in_threadpool(model.compile, constraint)
         except InputError as e:
-            return error(400, str(e), param="response_format" if "cannot be compiled" in str(e) else None)
+            return error(400, str(e), param="response_format" if isinstance(e, ConstraintError) else None)
         except (ValueError, TypeError) as e:
             return error(400, str(e))
         job = Job(asyncio.get_running_loop())
@@ -248,8 +245,9 @@ def sampling_args(body: ChatCompletionRequest, limits: Limits) -> dict[str, Any]
         raise InputError(f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}")
     if body.min_tokens is not None and body.min_tokens > max_tokens:
         raise InputError(f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}")
-    args = {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-            "min_p": body.min_p, "presence_penalty": body.presence_penalty, "seed": body.seed,
+    args = {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens, "temperature": body.temperature,
+            "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p, "presence_penalty": body.presence_penalty,
+            "seed": body.seed,
             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
             "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
             "logprobs": body.logprobs or None, "top_logprobs": body.top_logprobs}
