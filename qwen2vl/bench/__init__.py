@@ -1,7 +1,7 @@
 """`qwen2vl bench`: qwen2vl and its peers side by side on random-weight checkpoints of the real 2B shape: transformers
 fp32, and optionally llama.cpp (GGUF files of the same checkpoint) and OpenVINO (an int4 export of it).
 
-Each engine runs in its own worker process (bench_worker.py; so peak RSS is its own) and measures the same work:
+Each engine runs in its own worker process (bench/worker.py; so peak RSS is its own) and measures the same work:
 vision encode of a 448x448 and an 896x896 image, prefill of 256 and 1024 text tokens, batch-1 decode, time to first
 token for a 448x448 and an 896x896 image plus a short question, and peak RSS. Weights are random: speed does not
 depend on their values.
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-WORKER = Path(__file__).with_name("bench_worker.py")
+WORKER = Path(__file__).with_name("worker.py")
 
 ROWS = [("load_s", "load (s)", False), ("vision_448_s", "vision encode 448x448 (s)", False),
         ("vision_896_s", "vision encode 896x896 (s)", False), ("prefill_256_tps", "prefill 256 tokens (tok/s)", True),
@@ -36,7 +36,7 @@ ITEMS = ["vision_448_s", "vision_896_s", "prefill_256_tps", "prefill_1024_tps", 
 
 
 class Worker:
-    """One engine's benchmark process (bench_worker.py): loads its model, then runs one work item per request."""
+    """One engine's benchmark process (worker.py): loads its model, then runs one work item per request."""
 
     def __init__(self, name: str, engine: str, model: Path | str, image: Path, decode_tokens: int, threads: int,
                  python: str = sys.executable, extra: str | None = None):
@@ -98,12 +98,12 @@ def torch_build(python: str) -> str:
 def machine() -> str:
     import torch
 
-    from .kernels import cpu_flags, cpu_name
+    from ..kernels import cpu_flags, cpu_name
 
     flags = sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
                                   "amx_bf16", "amx_int8", "asimd", "asimddp", "sve"})
-    return (f"{cpu_name()} ({' '.join(flags) or 'no SIMD flags read'}), {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}), {platform.python_version()}")
+    return (f"{cpu_name()} ({' '.join(flags) or 'no SIMD flags read'}), {os.cpu_count()} cores, "
+            f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.python_version()}")
 
 
 def table(columns: list[tuple[str, dict]], threads: int) -> str:
@@ -122,8 +122,9 @@ def table(columns: list[tuple[str, dict]], threads: int) -> str:
     return "\n".join(lines) + f"\n{threads} threads; ratio > 1 means qwen2vl is better (faster or smaller)."
 
 
-def main(args) -> int:
-    from .quant.writer import quantize_checkpoint
+def prepare_checkpoints(args) -> tuple[Path, Path, Path]:
+    """The random-weight BF16 and AWQ 2B checkpoints (written if absent) and the image to encode."""
+    from ..quant.writer import quantize_checkpoint
 
     assets = Path(args.assets)
     bf16 = Path(args.bf16)
@@ -133,7 +134,11 @@ def main(args) -> int:
     if not (awq / "model.safetensors").exists():
         print(f"quantizing {bf16} -> {awq}", file=sys.stderr)
         quantize_checkpoint(bf16, awq, progress=True)
-    image = Path(args.image) if args.image else assets / "images" / "astronaut.png"
+    return bf16, awq, Path(args.image) if args.image else assets / "images" / "astronaut.png"
+
+
+def main(args) -> int:
+    bf16, awq, image = prepare_checkpoints(args)
     peers = [] if args.no_transformers else [("transformers fp32 (2B)", "transformers", bf16, sys.executable, None)]
     for gguf in args.gguf or []:
         if not (args.llama_cpp and args.mmproj):
@@ -161,12 +166,16 @@ def main(args) -> int:
             + table([(n, m) for n, (_, m) in zip(names, results)], args.threads))
     if args.python:
         text += f"\nqwen2vl ran under {args.python} (torch {torch_build(args.python)})."
+    return report(f"qwen2vl's load plan: {plan}.\n\n{text}", args.append)
+
+
+def report(text: str, append: str | None, title: str = "") -> int:
+    """Print a run's tables under the date and the machine, and append them to `append` (BENCHMARKS.md) if given."""
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine()}"
-    text = f"qwen2vl's load plan: {plan}.\n\n{text}"
     print(f"\n{stamp}\n\n{text}")
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write(f"\n### {stamp}\n\n{text}\n")
+    if append:
+        with open(append, "a") as f:
+            f.write(f"\n### {title}{stamp}\n\n{text}\n")
     return 0
 
 
@@ -177,8 +186,8 @@ def write_random_checkpoint(source: Path, out: Path, seed: int = 0) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from .config import Qwen2VLConfig
-    from .model import Qwen2VLModel
+    from ..config import Qwen2VLConfig
+    from ..model import Qwen2VLModel
 
     print(f"writing a random-weight checkpoint to {out}", file=sys.stderr)
     cfg = Qwen2VLConfig.from_file(source)

@@ -1,7 +1,7 @@
 """One engine's benchmark worker for `qwen2vl bench`: loads its model once, prints READY, then answers one work item
 per line of stdin with `RESULT <json number or null>` (null: the engine cannot measure that item).
 
-    python qwen2vl/bench_worker.py ENGINE MODEL IMAGE DECODE_TOKENS [EXTRA]
+    python qwen2vl/bench/worker.py ENGINE MODEL IMAGE DECODE_TOKENS [EXTRA]
 
 Engines: qwen2vl (a checkpoint directory), transformers (float32, sdpa), llamacpp (MODEL: a GGUF file, EXTRA: the
 llama.cpp bin folder and the mmproj GGUF, joined by ':'), openvino (MODEL: an optimum-intel export, run by OpenVINO
@@ -12,6 +12,7 @@ can run under OpenVINO's own environment without importing qwen2vl.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import subprocess
@@ -64,7 +65,8 @@ class Qwen2VLEngine:
         ids = self.torch.randint(1000, 100000, (1, n))
         with self.torch.inference_mode():
             pos, _ = self.m.positions(ModelInputs(ids, self.torch.ones_like(ids)))
-            return timed(lambda: self.m.lm_head(self.m(self.m.embed(ids), pos, self.torch.ones_like(ids).bool())[:, -1]))[1]
+            valid = self.torch.ones_like(ids).bool()
+            return timed(lambda: self.m.lm_head(self.m(self.m.embed(ids), pos, valid)[:, -1]))[1]
 
     def decode(self, n: int) -> float:
         from qwen2vl.datatypes import ModelInputs
@@ -76,6 +78,27 @@ class Qwen2VLEngine:
                                        sink=lambda d: at.append(time.perf_counter()))
         self.model.engine.run([seq])
         return n / (at[-1] - at[0])
+
+    def long(self, n: int, d: int) -> dict:
+        """A prompt of n text tokens through the engine (prefilled in chunks), then d greedy tokens: prefill
+        seconds (to the first token) and decode tokens/s; then a follow-up question (the same prompt and 8 more
+        tokens), whose prompt blocks come from the prefix cache: its time to first token."""
+        from qwen2vl.datatypes import ModelInputs
+
+        ids = self.torch.randint(1000, 100000, (1, n))
+
+        def ask(x, new: int) -> tuple[float, list[float]]:
+            params = self.model.sampling(max_new_tokens=new, min_new_tokens=new, temperature=0)
+            at = []
+            t = time.perf_counter()
+            [(seq, _)] = self.model.submit(ModelInputs(x, self.torch.ones_like(x)), params,
+                                           sink=lambda delta: at.append(time.perf_counter()))
+            self.model.engine.run([seq])
+            return t, at
+
+        t, at = ask(ids, d + 1)
+        t2, at2 = ask(self.torch.cat([ids, self.torch.randint(1000, 100000, (1, 8))], 1), 1)
+        return {"prefill_s": at[0] - t, "decode_tps": d / (at[-1] - at[0]), "followup_ttft_s": at2[0] - t2}
 
     def ttft(self, size: int) -> float:
         conv = [{"role": "user", "content": [{"type": "image", "image": self.img, "resized_height": size,
@@ -139,10 +162,16 @@ class LlamaCppEngine:
         self.load_s = None
         self.tmp = tempfile.TemporaryDirectory()
 
-    def _bench(self, p: int, n: int) -> float:
+    def _bench(self, p: int, n: int, depth: int = 0) -> float:
         out = subprocess.run([str(self.bench), "-m", self.gguf, "-t", str(self.threads), "-p", str(p), "-n", str(n),
-                              "-r", "1", "-o", "json"], check=True, capture_output=True, text=True).stdout
+                              "-d", str(depth), "-r", "1", "-o", "json"], check=True, capture_output=True,
+                             text=True).stdout
         return float(json.loads(out)[0]["avg_ts"])
+
+    def long(self, n: int, d: int) -> dict:
+        """llama-bench: a prompt of n tokens from an empty context, and d tokens generated at depth n (its default
+        f16 KV cache and flash attention setting)."""
+        return {"prefill_s": n / self._bench(n, 0), "decode_tps": self._bench(0, d, n)}
 
     def prefill(self, n: int) -> float:
         return n / self._bench(n, 0)  # seconds, as the other engines report
@@ -214,6 +243,18 @@ class OpenVinoEngine:
     def vision(self, size: int) -> None:
         return None
 
+    def long(self, n: int, d: int) -> dict:
+        """A warm-up, then one generate of d + 1 tokens: prefill from OpenVINO's time to first token (scaled to n
+        tokens), decode from its time per output token (the first call compiles: it must not be timed)."""
+        self._generate(FILLER, 2)
+        text, got = self._text(n)
+        c = self.genai.GenerationConfig()
+        c.max_new_tokens = c.min_new_tokens = d + 1
+        c.ignore_eos, c.do_sample = True, False
+        m = self.pipe.generate(text, generation_config=c).perf_metrics
+        assert m.get_num_generated_tokens() == d + 1, m.get_num_generated_tokens()
+        return {"prefill_s": m.get_ttft().mean / 1e3 * n / got, "decode_tps": 1e3 / m.get_tpot().mean}
+
     def ttft(self, size: int) -> float:
         rgb = self.np.array(self.img.convert("RGB").resize((size, size)), dtype=self.np.uint8)
         return self._generate(QUESTION, 1, [self.ov.Tensor(rgb[None])])
@@ -242,15 +283,18 @@ def main(argv: list[str]) -> None:
         import torch
 
         torch.manual_seed(0)
-        e.vision(224)  # warm up
+        if not os.environ.get("QWEN2VL_BENCH_LONG"):  # long prompts: no image, so its memory does not count
+            e.vision(224)  # warm up
         e.prefill(16)
     work = {"vision_448_s": lambda: e.vision(448), "vision_896_s": lambda: e.vision(896),
             "prefill_256_tps": lambda: 256 / e.prefill(256), "prefill_1024_tps": lambda: 1024 / e.prefill(1024),
             "decode_tps": lambda: e.decode(n), "ttft_448_s": lambda: e.ttft(448), "ttft_896_s": lambda: e.ttft(896),
             "load_s": lambda: e.load_s, "peak_rss_gb": e.peak_rss, "plan": lambda: getattr(e, "plan", None)}
     print("READY", flush=True)
-    for line in sys.stdin:  # one item per line, from the parent
-        print("RESULT", json.dumps(work[line.strip()]()), flush=True)
+    for line in sys.stdin:  # one item per line, from the parent; "long N D": a long prompt (bench/long.py)
+        item = line.split()
+        result = e.long(int(item[1]), int(item[2])) if item[0] == "long" else work[item[0]]()
+        print("RESULT", json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

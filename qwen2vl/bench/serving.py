@@ -95,7 +95,7 @@ def streams(client, n: int) -> float:
 def main(args) -> int:
     from openai import OpenAI
 
-    from . import kernels
+    from .. import kernels
 
     image = Path(args.image) if args.image else Path(args.assets) / "images" / "astronaut.png"
     url, server = serve(args.awq, args.threads)
