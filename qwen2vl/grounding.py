@@ -1,4 +1,4 @@
-"""Boxes in Qwen2-VL's answers, as data and as pictures (spec section 8).
+"""Boxes in Qwen2-VL's answers, as data and as pictures.
 
 Qwen2-VL writes `<|object_ref_start|>the red car<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>` with
 integer coordinates normalized to [0, 1000) of the image, top-left then bottom-right (Qwen2.5-VL writes absolute

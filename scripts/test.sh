@@ -41,4 +41,5 @@ then
   exit 1
 fi
 grep -v "^WARNING: Location 'file:" <<<"$out" >&2 || true
+"$venv/bin/python" -m ruff check qwen2vl tests scripts  # the code style: a lint failure fails the run
 exec "$venv/bin/python" -m pytest -q -rs "$@"

@@ -13,7 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from qwen2vl import grounding
-from qwen2vl.errors import InputError
 from qwen2vl.inputs.fetch import MediaPolicy
 from qwen2vl.inputs.image import VisionSpec, image_patches, load_image
 from qwen2vl.inputs.video import VideoReader, frame_range, sample_indices, smart_nframes
