@@ -111,7 +111,7 @@ def test_native_awq_unpack_equals_torch_ops(native):
         q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
         zeros = torch.randint(0, 16, (1, N), generator=g).float()
         qweight, qzeros = awq_pack(q, zeros)
-        fast = awq_unpack(qweight, qzeros, torch.ones(1, N), K, native)
+        fast = awq_unpack(qweight, qzeros, torch.ones(1, N), K, native.awq_unpack_t(qweight, AWQ_ORDER))
         slow = awq_unpack(qweight, qzeros, torch.ones(1, N), K)
         assert torch.equal(fast[0], q) and torch.equal(slow[0], q) and torch.equal(fast[2], slow[2])
 

@@ -391,7 +391,7 @@ def test_a_bounded_load_of_32_clients(model, assets):
     """32 concurrent clients, 64 requests mixing streaming and not, image and text: no errors, every answer equal
     to its prompt's answer whichever way it came (no lost or duplicated stream chunks), and memory growth bounded.
     Latency is printed (BENCHMARKS.md has it from `qwen2vl bench --serving`), not asserted."""
-    from qwen2vl.bench_serving import image_uri, load
+    from qwen2vl.bench.serving import image_uri, load
     from qwen2vl.memory import rss_bytes
 
     s = make_server(model)
