@@ -59,8 +59,8 @@ def table(results: dict[str, dict[int, dict]], lengths: list[int], decode_tokens
     for name in names:
         head += [f"{name} prefill s (tok/s)", f"{name} decode tok/s", f"{name} peak RSS GiB"]
     head += [f"decode vs {n}" for n in names[1:]] + [f"prefill vs {n}" for n in names[1:]]
-    head += ["qwen2vl decode vs its shortest", "qwen2vl follow-up TTFT s (vs prefill)",
-             "seed A100 AWQ decode (transformers)"]
+    head += ["qwen2vl decode vs its shortest", "qwen2vl decode vs its short prompt, paired",
+             "qwen2vl follow-up TTFT s (vs prefill)", "seed A100 AWQ decode (transformers)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     fmt = lambda v, f="{:.2f}": "n/a" if v is None else f.format(v)
     short = ours[lengths[0]]["decode_tps"]
@@ -75,9 +75,13 @@ def table(results: dict[str, dict[int, dict]], lengths: list[int], decode_tokens
                 a, b = ours[n].get(key), results[name].get(n, {}).get(key)
                 cells.append(f"{(a / b if key == 'decode_tps' else b / a):.2f}x" if a and b else "n/a")
         follow = ours[n].get("followup_ttft_s")
+        paired = ours[n].get("short_decode_tps")
         cells += [f"{ours[n]['decode_tps'] / short:.2f}x",
+                  f"{ours[n]['decode_tps'] / paired:.2f}x (short {paired:.2f})" if paired else "n/a",
                   f"{follow:.2f} ({follow / ours[n]['prefill_s']:.3f}x)" if follow and ours[n]["prefill_s"] else "n/a",
                   fmt(SEED_A100_AWQ.get(n), "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + (f"\n{threads} threads; decode: {decode_tokens} tokens generated after the prompt "
-                               "(the seed generates 2048); ratio > 1 means qwen2vl is faster.")
+                               "(the seed generates 2048); ratio > 1 means qwen2vl is faster. qwen2vl's decode at "
+                               "depth follows a follow-up question (the prompt from the prefix cache); 'paired': "
+                               "against the mean of two short-prompt decodes run just before and just after it.")

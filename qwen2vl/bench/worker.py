@@ -80,9 +80,11 @@ class Qwen2VLEngine:
         return n / (at[-1] - at[0])
 
     def long(self, n: int, d: int) -> dict:
-        """A prompt of n text tokens through the engine (prefilled in chunks), then d greedy tokens: prefill
-        seconds (to the first token) and decode tokens/s; then a follow-up question (the same prompt and 8 more
-        tokens), whose prompt blocks come from the prefix cache: its time to first token."""
+        """A prompt of n text tokens through the engine (prefilled in chunks): prefill seconds (to the first token).
+        Then a follow-up question (the same prompt and 8 more tokens), whose prompt blocks come from the prefix
+        cache: its time to first token, and its d greedy tokens' decode speed at depth. Just before and just after
+        that decode, d tokens after a one-token prompt: the short-prompt decode under the same machine conditions
+        (their mean), for the ratio at depth."""
         from qwen2vl.datatypes import ModelInputs
 
         ids = self.torch.randint(1000, 100000, (1, n))
@@ -96,9 +98,16 @@ class Qwen2VLEngine:
             self.model.engine.run([seq])
             return t, at
 
-        t, at = ask(ids, d + 1)
-        t2, at2 = ask(self.torch.cat([ids, self.torch.randint(1000, 100000, (1, 8))], 1), 1)
-        return {"prefill_s": at[0] - t, "decode_tps": d / (at[-1] - at[0]), "followup_ttft_s": at2[0] - t2}
+        def short() -> float:
+            _, at = ask(self.torch.randint(1000, 100000, (1, 1)), d + 1)
+            return d / (at[-1] - at[0])
+
+        t, at = ask(ids, 1)
+        before = short()
+        t2, at2 = ask(self.torch.cat([ids, self.torch.randint(1000, 100000, (1, 8))], 1), d + 1)
+        after = short()
+        return {"prefill_s": at[0] - t, "followup_ttft_s": at2[0] - t2, "decode_tps": d / (at2[-1] - at2[0]),
+                "short_decode_tps": (before + after) / 2}
 
     def ttft(self, size: int) -> float:
         conv = [{"role": "user", "content": [{"type": "image", "image": self.img, "resized_height": size,
