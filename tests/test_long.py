@@ -68,6 +68,29 @@ def test_a_long_prompt_in_chunks_equals_the_dense_model(quantized, fast):
         assert diff <= (matmuls + 1e-2) * scale
 
 
+def test_prompt_chunks_attend_alike_natively_and_through_sdpa(quantized, monkeypatch):
+    """The plan's two ways of attending a prompt chunk over the KV pool (the native kernel, or the keys gathered and
+    SDPA, whichever it measured faster) give the same logits for 4096 tokens in chunks: float32 sums in other
+    orders, which the fast plan's int16 prefill activations (rounded per group of 128) turn into level flips here and
+    there: within 1e-3 of the logit scale (measured 1.4e-4; a wrong key or mask moves logits by whole units)."""
+    from qwen2vl.cpu import plan as plan_module
+
+    path, _, config = quantized
+    measure = plan_module.measure
+    ids = torch.randint(10, config["vocab_size"], (1, LONG), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for way, (native, sdpa) in {"native": (1.0, 2.0), "torch": (2.0, 1.0)}.items():
+        monkeypatch.setattr(plan_module, "measure", lambda cfg, isa, n=native, s=sdpa: {
+            **measure(cfg, isa), "chunk_attention_native": n, "chunk_attention_sdpa": s})
+        model = Qwen2VL.from_pretrained(path, progress=False)
+        if model.plan.isa is None:
+            pytest.skip("no native kernels (QWEN2VL_NATIVE=0 or no compiler)")
+        assert model.plan.chunk_attention == way
+        logits[way] = prompt_logits(model, ids)
+    scale = logits["native"].abs().max().item()
+    assert (logits["native"] - logits["torch"]).abs().max().item() <= 1e-3 * scale
+
+
 def test_a_long_request_beside_short_ones(model):
     """Four concurrent requests, one with a prompt of ~14k tokens and three short ones: the short answers equal their
     answers alone, none fails, and the KV pool holds their real lengths (per /metrics, while all four run), not four

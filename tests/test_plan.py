@@ -46,6 +46,7 @@ def fake_timings(bf16_faster: bool) -> dict[str, float]:
             "vision_packed": fast / 2, "prefill_float32": slow if bf16_faster else fast,
             "prefill_bf16": fast if bf16_faster else slow, "attention_sdpa": 0.02, "attention_native": 0.01,
             "text_attention_sdpa": 0.02, "text_attention_native": fast if bf16_faster else slow,
+            "chunk_attention_sdpa": 0.02, "chunk_attention_native": fast if bf16_faster else slow,
             "decode_q4x16": 0.001, "decode_torch_int4": 0.002}
 
 
@@ -60,6 +61,7 @@ def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
     if p.isa:
         assert p.decode == "native-layer" and p.vision_attention == ("native" if bf16_faster else "torch")
         assert p.text_kernels and p.text_attention == ("native" if bf16_faster else "torch")
+        assert p.chunk_attention == ("native" if bf16_faster else "torch")
     assert "bf16 10.0 ms" in p.describe() or "bf16 30.0 ms" in p.describe()
     exact = plan_module.decide(cfg, torch.device("cpu"), torch.float32, False)
     assert not exact.fast and exact.vision_dtype == exact.prefill_dtype == torch.float32
@@ -70,14 +72,16 @@ def test_plan_follows_the_timings(cfg, monkeypatch, bf16_faster):
 def test_every_candidate_is_timed(cfg):
     """The real measurement (on the model's shapes) times every candidate the plan weighs, where this machine has it:
     float32 and bf16 vision linears and their prepacked form, the prefill paths (int8, int16 with native kernels), SDPA
-    and
-    the native attention for the vision tower and for a text prompt, and the decode kernels."""
+    and the native attention for the vision tower, for a text prompt and for a prompt chunk over the KV pool, and the
+    decode kernels."""
     t = plan_module._time_candidates(cfg, kernels.isa() if kernels.load() is not None else None)
-    want = {"vision_float32", "vision_bf16", "prefill_float32", "prefill_bf16", "attention_sdpa", "text_attention_sdpa"}
+    want = {"vision_float32", "vision_bf16", "prefill_float32", "prefill_bf16", "attention_sdpa", "text_attention_sdpa",
+            "chunk_attention_sdpa"}
     if PackedLinear.runs():  # the plan's own check: oneDNN's bf16 prepacking runs on this CPU
         want.add("vision_packed")
     if kernels.load() is not None:
-        want |= {"prefill_int8", "prefill_int16", "decode_q4x16", "attention_native", "text_attention_native"}
+        want |= {"prefill_int8", "prefill_int16", "decode_q4x16", "attention_native", "text_attention_native",
+                 "chunk_attention_native"}
     assert want <= t.keys() and all(v > 0 for v in t.values()), (want - t.keys(), t)
 
 

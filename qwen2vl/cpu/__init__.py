@@ -38,7 +38,7 @@ def swap_after_load(module: nn.Module, plan: Plan) -> None:
     if k is not None:
         text = module.model
         if plan.text_kernels:
-            _text.swap(text, k, plan.text_attention == "native")
+            _text.swap(text, k, plan.text_attention == "native", plan.chunk_attention == "native")
         for name, m in list(text.named_modules()):
             if isinstance(m, MLP) and PrefillMLP.applies(m):
                 parent, _, child = name.rpartition(".")

@@ -18,6 +18,7 @@ import torch
 
 from .. import kernels
 from ..config import Qwen2VLConfig
+from ..kv import KVPool, KVView, attend, blocks_for
 from ..quant import QuantConfig
 from ..quant.formats import q4x16_pack
 from .linear import int4_cpu_groups
@@ -48,6 +49,8 @@ class Plan:
     # native RMSNorm (sums in another order than torch's), rotary and attention over the KV pool in the text decoder
     text_kernels: bool = False
     text_attention: str = "torch"  # a whole prompt's causal attention (no KV pool): "native" (kernels.c) | "torch"
+    # a prompt chunk's attention over the KV pool: "native" (kernels.c attention_paged) | "torch" (keys gathered, SDPA)
+    chunk_attention: str = "native"
     vision_streamed: int = 0  # vision blocks whose linear weights are read from the checkpoint at every encode
     kv_format: str = "float32"  # keys and values in the KV pool: "float32" | "float16" | "uint8" (kv.FORMATS)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -65,7 +68,8 @@ class Plan:
                            + (f", {self.vision_streamed} blocks streamed from the checkpoint"
                               if self.vision_streamed else "")),
                 ("text", ("native RMSNorm, rotary and KV attention" if self.text_kernels else "torch ops") +
-                 f", {self.text_attention} whole-prompt attention"),
+                 f", {self.text_attention} whole-prompt attention"
+                 + (f", {self.chunk_attention} prompt-chunk attention" if self.text_kernels else "")),
                 ("prefill matmuls", _PREFILL_NAMES.get(self.prefill_dtype, _DTYPE_NAMES[self.prefill_dtype])),
                 ("decode", self.decode),
                 ("LM head", self.head), ("KV storage", self.kv_format)]
@@ -107,6 +111,9 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     text_attention = "native" if t.get("text_attention_native", float("inf")) < t["text_attention_sdpa"] else "torch"
     reasons["text attention"] = f"SDPA float32 {t['text_attention_sdpa'] * 1e3:.1f} ms" + (
         f" vs native ({isa}) {t['text_attention_native'] * 1e3:.1f} ms" if "text_attention_native" in t else "")
+    chunk = "native" if t.get("chunk_attention_native", float("inf")) < t["chunk_attention_sdpa"] else "torch"
+    reasons["chunk attention"] = f"gathered keys + SDPA {t['chunk_attention_sdpa'] * 1e3:.1f} ms" + (
+        f" vs native ({isa}) {t['chunk_attention_native'] * 1e3:.1f} ms" if "chunk_attention_native" in t else "")
     decodes = {"native-layer": t.get("decode_q4x16") if "q4x16" in int4 and k is not None else None,
                "torch-int4": t.get("decode_torch_int4") if "torch-int4" in int4 else None}
     decodes = {name: s for name, s in decodes.items() if s is not None}
@@ -118,7 +125,8 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     return Plan("cpu", fast=True, isa=isa, vision_dtype=torch.bfloat16 if bf16_vit else torch.float32,
                 prefill_dtype=prefill, vision_linear="packed" if packed else "torch", vision_kernels=k is not None,
                 vision_attention=attention, decode=decode, head="scan-int8", text_kernels=k is not None,
-                text_attention=text_attention, vision_streamed=streamed, kv_format=kv_format, reasons=reasons)
+                text_attention=text_attention, chunk_attention=chunk, vision_streamed=streamed, kv_format=kv_format,
+                reasons=reasons)
 
 
 KV_FORMATS = ("float32", "float16", "uint8")
@@ -207,7 +215,8 @@ def _shapes(cfg: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     K, N = -(-t.hidden_size // 128) * 128, -(-t.intermediate_size // 16) * 16
     return {"vision": (1024, v.embed_dim, v.mlp_dim), "prefill": (128, K, N), "decode": (1, K, N),
             "attention": (512, v.num_heads, v.head_dim),
-            "text_attention": (512, t.num_attention_heads, t.num_key_value_heads, t.head_dim)}
+            "text_attention": (512, t.num_attention_heads, t.num_key_value_heads, t.head_dim),
+            "chunk_attention": (256, 1024)}  # a prompt chunk (the engine's, beside others decoding) and keys before it
 
 
 def measure(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
@@ -278,6 +287,16 @@ def _time_candidates(cfg: Qwen2VLConfig, isa: str | None) -> dict[str, float]:
     if k is not None and Dt % 16 == 0 and Dt <= 128:
         out["text_attention_native"] = _best(lambda: k.attention(
             tq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2), True, torch.float32, f32=True))
+    n, before = shapes["chunk_attention"]  # a prompt chunk over the KV pool (float16), as the engine prefills
+    pool = KVPool(1, Hkv, Dt, KVPool.block_bytes(1, Hkv, Dt, "float16") * blocks_for(before + n), "float16")
+    pool.k.normal_(generator=g)
+    pool.v.normal_(generator=g)
+    table = torch.arange(pool.num_blocks, dtype=torch.int32)[None]
+    view = KVView(pool, table, torch.tensor([before], dtype=torch.int32), n)
+    cq = torch.randn(1, n, Ht, Dt, generator=g)
+    out["chunk_attention_sdpa"] = _best(lambda: attend(cq, view, 0))
+    if k is not None and Dt % 16 == 0 and Dt <= 128:
+        out["chunk_attention_native"] = _best(lambda: k.attention_paged(cq, pool, 0, view.tables, view.starts))
     _, K, N = shapes["decode"]
     x = torch.randn(1, K, generator=g)
     q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)

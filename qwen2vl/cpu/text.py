@@ -1,7 +1,8 @@
 """The text decoder's CPU layers, swapped in by the plan: RMSNorm in one native pass over float32 rows, the rotary of
 q and k in place on the fused q/k/v projection's output (the same numbers as torch's ops), attention over the KV
-pool's blocks (kernels.c attention_paged), and, where the plan measured it faster than SDPA, a whole prompt's causal
-attention in float32 (kernels.c attention)."""
+pool's blocks (kernels.c attention_paged: decode always, prompt chunks where the plan measured it faster than SDPA
+over the gathered keys), and, where the plan measured it faster than SDPA, a whole prompt's causal attention in
+float32 (kernels.c attention)."""
 
 from __future__ import annotations
 
@@ -58,23 +59,25 @@ def native_attend(kernels):
     return attend
 
 
-def native_attend_cached(kernels):
+def native_attend_cached(kernels, chunks: bool):
     """An Attention.attend_cached over the KV pool's blocks (kernels.c attention_paged), float32 queries with each
-    head's values contiguous, head dims the kernels take; anything else with the model's own."""
+    head's values contiguous, head dims the kernels take: one new token per row always, prompt chunks if `chunks`
+    (where the plan measured it faster than SDPA over the gathered keys); anything else with the model's own."""
 
     def attend_cached(q: torch.Tensor, view: KVView, layer: int) -> torch.Tensor:
         D = q.shape[-1]
-        if q.dtype == torch.float32 and q.stride(3) == 1 and D % 16 == 0 and D <= 128:
+        if q.dtype == torch.float32 and q.stride(3) == 1 and D % 16 == 0 and D <= 128 and (chunks or view.n == 1):
             return kernels.attention_paged(q, view.pool, layer, view.tables, view.starts)
         return Attention.attend_cached(q, view, layer)
 
     return attend_cached
 
 
-def swap(text: nn.Module, kernels, attention: bool) -> None:
-    """Native RMSNorms, rotary and attention over the KV pool in the text model `text` (qwen2vl.text.TextModel), and
-    the native whole-prompt attention if `attention`."""
-    rotate, attend, attend_cached = native_rotate(kernels), native_attend(kernels), native_attend_cached(kernels)
+def swap(text: nn.Module, kernels, attention: bool, chunks: bool) -> None:
+    """Native RMSNorms, rotary and attention over the KV pool in the text model `text` (qwen2vl.text.TextModel) (for
+    prompt chunks too if `chunks`), and the native whole-prompt attention if `attention`."""
+    rotate, attend = native_rotate(kernels), native_attend(kernels)
+    attend_cached = native_attend_cached(kernels, chunks)
     for name, m in list(text.named_modules()):
         if isinstance(m, Attention):
             m.rotate, m.attend_cached = rotate, attend_cached

@@ -280,6 +280,103 @@ static inline __attribute__((always_inline)) void kv_pv_fmt(const float w[][KV_B
 }
 
 
+/* kernels.c's float32 attention steps in vectors (the text model's prompt attention, over the KV pool too). */
+#define QK_HAVE_ATTN_F32 1
+
+/* Rows q0, q1 against 32 keys of kT (from key 32 h): 8 accumulators, each key vector serving both rows. */
+static inline __attribute__((always_inline)) void attn_scores_f32_2x32(const float *q0, const float *q1,
+                                                                       const float *kT, int ld, int D, float *s0,
+                                                                       float *s1) {
+    __m256 a0[4], a1[4];
+    for (int c = 0; c < 4; c++) a0[c] = a1[c] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const float *k = kT + (size_t)d * ld;
+        const __m256 b0 = _mm256_broadcast_ss(q0 + d), b1 = _mm256_broadcast_ss(q1 + d);
+        for (int c = 0; c < 4; c++) {
+            const __m256 kc = _mm256_loadu_ps(k + 8 * c);
+            a0[c] = _mm256_fmadd_ps(b0, kc, a0[c]);
+            a1[c] = _mm256_fmadd_ps(b1, kc, a1[c]);
+        }
+    }
+    for (int c = 0; c < 4; c++) {
+        _mm256_storeu_ps(s0 + 8 * c, a0[c]);
+        _mm256_storeu_ps(s1 + 8 * c, a1[c]);
+    }
+}
+
+static void attn_scores_f32_4x64(const float *q[4], const float *kT, int ld, int D, float sc[4][64]) {
+    for (int h = 0; h < 64; h += 32)
+        for (int r = 0; r < 4; r += 2) attn_scores_f32_2x32(q[r], q[r + 1], kT + h, ld, D, sc[r] + h, sc[r + 1] + h);
+}
+
+static inline float hmax8(__m256 x) {
+    const __m128 a = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 b = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(b, _mm_shuffle_ps(b, b, 1)));
+}
+
+static inline float hsum8(__m256 x) {
+    const __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));
+}
+
+/* micro_generic.h's online softmax step in vectors: scores times scale (-inf past the n valid keys), the running
+   max, p = exp(x - max) (exactly 0 for -inf scores), and the row's sum (8 lanes, then a tree). */
+static void attn_softmax_f32_4x64(float sc[4][64], int n, float scale, float m[4], float l[4], float p[4][64],
+                                  float alpha[4]) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), lanes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int r = 0; r < 4; r++) {
+        __m256 x[8], mv = _mm256_set1_ps(m[r]), sum = _mm256_setzero_ps();
+        for (int c = 0; c < 8; c++) {
+            const __m256 live = _mm256_cmp_ps(_mm256_add_ps(lanes, _mm256_set1_ps((float)(8 * c))),
+                                              _mm256_set1_ps((float)n), _CMP_LT_OQ);
+            x[c] = _mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(sc[r] + 8 * c), _mm256_set1_ps(scale)), live);
+            mv = _mm256_max_ps(x[c], mv);
+        }
+        const float mx = hmax8(mv);
+        for (int c = 0; c < 8; c++) {
+            const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x[c], ninf, _CMP_EQ_OQ),
+                                              exp_v8(_mm256_sub_ps(x[c], _mm256_set1_ps(mx))));
+            _mm256_storeu_ps(p[r] + 8 * c, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        alpha[r] = exp_c(m[r] - mx);
+        l[r] = l[r] * alpha[r] + hsum8(sum);
+        m[r] = mx;
+    }
+}
+
+/* C (<= 3) vectors of o from vector c0, for the 4 rows: 12 accumulators, each value vector serving the 4 rows. */
+static inline __attribute__((always_inline)) void attn_pv_f32_c(const float p[4][64], const float *v, int D,
+                                                                float o[4][128], int c0, const int C) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_loadu_ps(o[r] + 8 * (c0 + c));
+    for (int j = 0; j < 64; j++) {
+        __m256 vj[3];
+        for (int c = 0; c < C; c++) vj[c] = _mm256_loadu_ps(v + (size_t)j * D + 8 * (c0 + c));
+        for (int r = 0; r < 4; r++) {
+            const __m256 b = _mm256_broadcast_ss(&p[r][j]);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(b, vj[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(o[r] + 8 * (c0 + c), acc[r][c]);
+}
+
+static void attn_pv_f32_4x64(const float p[4][64], const float *v, int D, const float alpha[4], float o[4][128]) {
+    for (int r = 0; r < 4; r++)
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(o[r] + d, _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), _mm256_set1_ps(alpha[r])));
+    for (int c0 = 0; c0 < D / 8; c0 += 3)
+        switch (D / 8 - c0 < 3 ? D / 8 - c0 : 3) {
+            case 3: attn_pv_f32_c(p, v, D, o, c0, 3); break;
+            case 2: attn_pv_f32_c(p, v, D, o, c0, 2); break;
+            default: attn_pv_f32_c(p, v, D, o, c0, 1); break;
+        }
+}
+
 /* kernels.c's exp_row in vectors: x[j] = exp(x[j] - mx), returns the sum (8 lanes, then the tail). */
 static float exp_row(float *x, int n, float mx) {
     __m256 sum = _mm256_setzero_ps();
