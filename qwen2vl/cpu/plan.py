@@ -108,12 +108,8 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
     attention = "native" if bf16_vit and t.get("attention_native", float("inf")) < t["attention_sdpa"] else "torch"
     reasons["attention"] = f"SDPA bf16 {t['attention_sdpa'] * 1e3:.1f} ms" + (
         f" vs native ({isa}) {t['attention_native'] * 1e3:.1f} ms" if "attention_native" in t else "")
-    text_attention = "native" if t.get("text_attention_native", float("inf")) < t["text_attention_sdpa"] else "torch"
-    reasons["text attention"] = f"SDPA float32 {t['text_attention_sdpa'] * 1e3:.1f} ms" + (
-        f" vs native ({isa}) {t['text_attention_native'] * 1e3:.1f} ms" if "text_attention_native" in t else "")
-    chunk = "native" if t.get("chunk_attention_native", float("inf")) < t["chunk_attention_sdpa"] else "torch"
-    reasons["chunk attention"] = f"gathered keys + SDPA {t['chunk_attention_sdpa'] * 1e3:.1f} ms" + (
-        f" vs native ({isa}) {t['chunk_attention_native'] * 1e3:.1f} ms" if "chunk_attention_native" in t else "")
+    text_attention, reasons["text attention"] = _native_or_torch(t, "text_attention", "SDPA float32", isa)
+    chunk, reasons["chunk attention"] = _native_or_torch(t, "chunk_attention", "gathered keys + SDPA", isa)
     decodes = {"native-layer": t.get("decode_q4x16") if "q4x16" in int4 and k is not None else None,
                "torch-int4": t.get("decode_torch_int4") if "torch-int4" in int4 else None}
     decodes = {name: s for name, s in decodes.items() if s is not None}
@@ -127,6 +123,14 @@ def decide(cfg: Qwen2VLConfig, device: torch.device, compute: torch.dtype, fast:
                 vision_attention=attention, decode=decode, head="scan-int8", text_kernels=k is not None,
                 text_attention=text_attention, chunk_attention=chunk, vision_streamed=streamed, kv_format=kv_format,
                 reasons=reasons)
+
+
+def _native_or_torch(t: dict[str, float], name: str, torch_way: str, isa: str | None) -> tuple[str, str]:
+    """"native" where the native kernel (timed as name_native) measured faster than torch's way (name_sdpa), else
+    "torch"; and why."""
+    native, theirs = t.get(f"{name}_native"), t[f"{name}_sdpa"]
+    why = f"{torch_way} {theirs * 1e3:.1f} ms" + (f" vs native ({isa}) {native * 1e3:.1f} ms" if native else "")
+    return ("native" if native is not None and native < theirs else "torch"), why
 
 
 KV_FORMATS = ("float32", "float16", "uint8")
