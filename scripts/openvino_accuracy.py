@@ -36,7 +36,7 @@ import openvino as ov
 import torch
 from PIL import Image
 
-OUTLIER_CHANNELS, OUTLIER_GAIN = [17, 404, 931, 1290], 30.0
+OUTLIER_CHANNELS, OUTLIER_GAIN = [17, 404, 931, 1290], 30.0  # fast_paths_accuracy.py's (no qwen2vl in this venv)
 IMAGE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "images" / "astronaut.png"
 EXACT = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0", "KV_CACHE_PRECISION": "f32"}
 ABLATIONS = {"default, dynamic quantization off": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
